@@ -1,0 +1,1 @@
+"""lora package (being built)."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny real HF Llama checkpoints and SentencePiece tokenizers (see hf_fixtures)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hf_fixtures
+import pytest
+import torch
+
+# Tests compare numbers against references; keep CPU math deterministic and the 2-core CI calm.
+torch.use_deterministic_algorithms(True, warn_only=True)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (GQA, fp32) in HF layout, single file, with a trained tokenizer.model."""
+    return hf_fixtures.make_hf_checkpoint(tmp_path_factory.mktemp("tiny_llama"), tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Llama, sharded (model.safetensors.index.json + several shards)."""
+    return hf_fixtures.make_hf_checkpoint(
+        tmp_path_factory.mktemp("tiny_llama_sharded"), max_shard_size="60KB", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with only tokenizer files (tokenizer.model, tokenizer_config.json, ...)."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    hf_fixtures.write_tokenizer_files(out)
+    return out
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):
+    """Factory: make_checkpoint(**overrides) -> a fresh checkpoint dir (see make_hf_checkpoint)."""
+    counter = iter(range(1000))
+
+    def _make(**kwargs):
+        return hf_fixtures.make_hf_checkpoint(tmp_path / f"ckpt{next(counter)}", **kwargs)
+
+    return _make
