@@ -1,0 +1,518 @@
+"""The run config: YAML (``yaml.safe_load``) -> validated dataclasses, ``--set`` overrides, resolved save.
+
+One YAML section per dataclass (``model, quant, lora, data, train, eval``); the field names are the
+contract of docs/INTERFACES.md. Everything a user can get wrong is checked here, before any heavy work,
+and reported as one ``UserError`` line: the file, the key, what was expected, what was found, and
+(for typos) the nearest valid key.
+
+Type rules (strict where a silent guess would be dangerous):
+- ints are accepted where floats are expected; so are numeric strings, because PyYAML follows YAML 1.1,
+  where ``4e-5`` (no dot) is a *string*, not a float;
+- booleans must be real YAML booleans (``true``/``false``), never 0/1 or "yes" in quotes;
+- ints must be ints (``bool`` is not an int here, ``2.0`` is not an int).
+
+Paths (``model.path``, ``model.prequantized``, ``data.path``, ``train.output_dir``, ``eval.adapter``,
+``eval.output_dir``) are resolved **relative to the current working directory**, not to the YAML file,
+so ``python train.py configs/llama2.yaml`` run from the repo root finds ``models/Llama-2-7b-hf``. The
+resolved (absolute) paths are what ``save_config`` writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import string
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import UserError
+
+# Named prompt templates (see finetune.data for the exact text); anything else must be a custom string.
+TEMPLATE_NAMES = ("alpaca", "llama2-chat")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                      # local HF directory (config.json + *.safetensors); required
+    dtype: str = "bfloat16"             # compute dtype on GPU; CPU always computes in float32
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = False
+    prequantized: str | None = None     # directory written by quant.save_quantized, or null
+
+
+@dataclass
+class QuantConfig:
+    enabled: bool = True
+    quant_type: str = "nf4"             # nf4 | fp4
+    double_quant: bool = True
+    blocksize: int = 64
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                      # CSV, JSONL or JSON file; required
+    format: str = "auto"                # auto (by extension) | csv | jsonl | json
+    input_column: str = "input_text"
+    output_column: str = "output_text"
+    text_column: str | None = None      # a single preformatted text column (guanaco style)
+    tokens_column: str = "tokens"       # token/tag rows (MultiNERD style) ...
+    tags_column: str = "ner_tags"
+    tag_labels: list[str] | None = None  # ... with integer tags indexing this list
+    template: str = "alpaca"            # alpaca | llama2-chat | a custom string containing {input}
+    instruction: str = "Extract entity from the given input:"
+    max_length: int = 128
+    train_on_prompt: bool = False
+    shuffle_seed: int = 42
+    train_size: int | None = 4000       # null = every row not taken by the test split
+    test_size: int | None = 1500        # null = 0 test rows
+    response_marker: str | None = None  # text rows: where the response starts (null = auto-detect)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 4.0e-5
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"            # adamw | adamw8bit | paged_adamw8bit
+    scheduler: str = "cosine"           # cosine | linear | constant
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0   # null = no clipping
+    amp: str = "auto"                   # auto | bf16 | fp16 | fp32
+    logging_steps: int = 50
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int | None = 3
+    eval_max_batches: int | None = None
+    ce_chunk_size: int = 1024
+    resume: bool | str = False          # false | true | auto
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    adapter: str | None = None          # null = the run's final adapter
+    split: str = "test"                 # test | train
+    limit: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    stop_at_eos: bool = True
+    output_dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (YAML-ready), sections in file order."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig,
+                             "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+# Closed vocabularies: a value outside these is a typo, reported with the nearest valid value.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("bfloat16", "float16", "float32"),
+    "quant.quant_type": ("nf4", "fp4"),
+    "data.format": ("auto", "csv", "jsonl", "json"),
+    "train.optimizer": ("adamw", "adamw8bit", "paged_adamw8bit"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.amp": ("auto", "bf16", "fp16", "fp32"),
+    "eval.split": ("test", "train"),
+}
+
+_PATH_FIELDS = ("model.path", "model.prequantized", "data.path", "train.output_dir", "eval.adapter",
+                "eval.output_dir")
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
+                check_paths: bool = True) -> RunConfig:
+    """Read, override, coerce and validate a run config; raise ``UserError`` with one line on any problem.
+
+    ``overrides`` are ``section.key=value`` strings (the CLI's ``--set``); the value is parsed with
+    ``yaml.safe_load`` (``train.lr=1e-4``, ``lora.targets=[q_proj,v_proj]``, ``train.max_steps=null``).
+    ``check_paths=False`` skips the existence checks of the model directory and the data file (for
+    tools that only read the config); paths are still made absolute.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (give the path of a YAML file, "
+                        "e.g. configs/llama2.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}:{where} invalid YAML: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the config file is empty; it needs at least model.path and data.path")
+    return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
+
+
+def config_from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = None,
+                     check_paths: bool = True) -> RunConfig:
+    """Build a validated ``RunConfig`` from a nested dict (as YAML gives it); see ``load_config``."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections "
+                        f"({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section '{name}'{_did_you_mean(str(name), SECTIONS)}")
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {_show(value)}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = RunConfig(**{name: _build_section(name, cls, raw.get(name) or {}, source)
+                       for name, cls in SECTIONS.items()})
+    validate(cfg, source=source, check_paths=check_paths)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True) -> None:
+    """Check values (ranges, enums, templates, paths); make paths absolute in place. Raise ``UserError``."""
+    def bad(key: str, rule: str, value: Any) -> UserError:
+        return UserError(f"{source}: {key} {rule}, got {_show(value)}")
+
+    m, q, lo, d, t, ev = cfg.model, cfg.quant, cfg.lora, cfg.data, cfg.train, cfg.eval
+    for key, allowed in ENUMS.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, got {_show(value)}"
+                            f"{_did_you_mean(str(value), allowed)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device):
+        raise bad("model.device", "must be auto, cpu, cuda or cuda:N", m.device)
+    if not m.path:
+        raise UserError(f"{source}: model.path is required (a local HF model directory with config.json)")
+    if not d.path:
+        raise UserError(f"{source}: data.path is required (a CSV, JSONL or JSON file)")
+
+    if q.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise bad("quant.blocksize", "must be a power of two from 32 to 4096", q.blocksize)
+    if q.enabled and not lo.enabled:
+        raise UserError(f"{source}: quant.enabled is true but lora.enabled is false: 4-bit weights cannot "
+                        "be trained; set quant.enabled: false for full training, or enable LoRA")
+
+    if lo.r <= 0:
+        raise bad("lora.r", "must be a positive integer", lo.r)
+    if lo.alpha <= 0:
+        raise bad("lora.alpha", "must be > 0", lo.alpha)
+    if not 0.0 <= lo.dropout < 1.0:
+        raise bad("lora.dropout", "must be in [0, 1)", lo.dropout)
+    if isinstance(lo.targets, list):
+        if not lo.targets or not all(lo.targets):
+            raise bad("lora.targets", "must be a non-empty list of module names, a regex or all-linear",
+                      lo.targets)
+    elif lo.targets != "all-linear":
+        try:
+            re.compile(lo.targets)
+        except re.error as e:
+            raise bad("lora.targets", f"is not a valid regex ({e})", lo.targets) from None
+
+    check_template(d.template, source)
+    if d.max_length < 16:
+        raise bad("data.max_length", "is too small: must be >= 16 tokens (prompt + response + EOS)",
+                  d.max_length)
+    if d.tag_labels is not None and not d.tag_labels:
+        raise bad("data.tag_labels", "must be a non-empty list of labels (e.g. [O, B-PER, I-PER]) or null",
+                  d.tag_labels)
+    if d.train_size is not None and d.train_size < 1:
+        raise bad("data.train_size", "must be >= 1 or null (all rows not in the test split)", d.train_size)
+    if d.test_size is not None and d.test_size < 0:
+        raise bad("data.test_size", "must be >= 0 or null", d.test_size)
+    if d.shuffle_seed < 0:
+        raise bad("data.shuffle_seed", "must be >= 0", d.shuffle_seed)
+    for key in ("input_column", "output_column", "tokens_column", "tags_column"):
+        if not getattr(d, key):
+            raise bad(f"data.{key}", "must be a non-empty column name", getattr(d, key))
+    if d.response_marker is not None and not d.response_marker:
+        raise bad("data.response_marker", "must be a non-empty string or null", d.response_marker)
+
+    if t.micro_batch_size < 1:
+        raise bad("train.micro_batch_size", "must be >= 1", t.micro_batch_size)
+    if t.gradient_accumulation_steps < 1:
+        raise bad("train.gradient_accumulation_steps", "must be >= 1", t.gradient_accumulation_steps)
+    if t.max_steps is not None and t.max_steps < 1:
+        raise bad("train.max_steps", "must be >= 1 or null (then train.epochs decides)", t.max_steps)
+    if t.epochs <= 0:
+        raise bad("train.epochs", "must be > 0", t.epochs)
+    if t.lr <= 0:
+        raise bad("train.lr", "must be > 0", t.lr)
+    if t.weight_decay < 0:
+        raise bad("train.weight_decay", "must be >= 0", t.weight_decay)
+    if t.warmup_steps < 0:
+        raise bad("train.warmup_steps", "must be >= 0", t.warmup_steps)
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        raise bad("train.max_grad_norm", "must be > 0, or null to disable clipping", t.max_grad_norm)
+    for key in ("logging_steps", "eval_steps", "save_steps", "ce_chunk_size"):
+        if getattr(t, key) < 1:
+            raise bad(f"train.{key}", "must be >= 1", getattr(t, key))
+    for key in ("save_total_limit", "eval_max_batches"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            raise bad(f"train.{key}", "must be >= 1 or null", getattr(t, key))
+    if isinstance(t.resume, str) and t.resume != "auto":
+        raise bad("train.resume", "must be true, false or auto", t.resume)
+    if t.seed < 0:
+        raise bad("train.seed", "must be >= 0", t.seed)
+
+    if ev.limit is not None and ev.limit < 1:
+        raise bad("eval.limit", "must be >= 1 or null (all rows)", ev.limit)
+    if ev.max_new_tokens < 1:
+        raise bad("eval.max_new_tokens", "must be >= 1", ev.max_new_tokens)
+    if ev.batch_size < 1:
+        raise bad("eval.batch_size", "must be >= 1", ev.batch_size)
+
+    for key in _PATH_FIELDS:
+        value = _get(cfg, key)
+        if value is not None:
+            _set(cfg, key, os.path.abspath(os.path.expanduser(value)))
+    if check_paths:
+        _check_paths(cfg, source)
+
+
+def check_template(template: str, source: str = "<config>") -> None:
+    """A named template, or a custom string with {input}, optional {instruction}, and {output} only last.
+
+    The response is appended after the prompt by token ids (see finetune.data), so ``{output}`` anywhere
+    but at the very end would put response text inside the prompt; literal ``<s>``/``</s>`` would be
+    tokenised as text, because BOS/EOS are token ids added by the tokenizer.
+    """
+    if template in TEMPLATE_NAMES:
+        return
+    if "{" not in template:
+        raise UserError(f"{source}: data.template {_show(template)} is not a known template "
+                        f"({', '.join(TEMPLATE_NAMES)}) nor a custom string containing {{input}}"
+                        f"{_did_you_mean(template, TEMPLATE_NAMES)}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UserError(f"{source}: data.template is not a valid format string ({e}); "
+                        "write literal braces as {{ and }}") from None
+    fields = [name for _, name, _, _ in parts if name is not None]
+    for name in fields:
+        if name not in ("input", "instruction", "output"):
+            raise UserError(f"{source}: data.template has an unknown placeholder {{{name}}}; allowed: "
+                            f"{{input}}, {{instruction}}, {{output}}"
+                            f"{_did_you_mean(name, ('input', 'instruction', 'output'))}")
+    if "input" not in fields:
+        raise UserError(f"{source}: data.template must contain {{input}} (where the row's input text goes)")
+    if "output" in fields and not template.rstrip().endswith("{output}"):
+        raise UserError(f"{source}: data.template may use {{output}} only at its very end (the response "
+                        "always follows the prompt)")
+    if "<s>" in template or "</s>" in template:
+        raise UserError(f"{source}: data.template must not contain literal <s> or </s>: BOS/EOS are added "
+                        "as token ids by the tokenizer; remove them from the template")
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (absolute paths, every default spelled out) as YAML; reloadable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics, except that a repeated key is an error instead of last-one-wins
+    (two ``data:`` sections would otherwise silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not fit a type; carries the human description of the expected type."""
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{source}: unknown key '{name}.{key}'{_suggest_key(name, str(key))}")
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except _Mismatch as e:
+            raise UserError(f"{source}: {name}.{key} must be {e}, got {_show(value)}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option)
+            except _Mismatch:
+                pass
+        described = " or ".join(_describe(a) for a in options)
+        raise _Mismatch(described + (" or null" if type(None) in args else ""))
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _Mismatch(_describe(tp))
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:  # YAML 1.1 reads 4e-5 (no dot) as a string
+                number = float(value.strip())
+            except ValueError:
+                raise _Mismatch(_describe(tp)) from None
+        else:
+            raise _Mismatch(_describe(tp))
+        if not math.isfinite(number):
+            raise _Mismatch("a finite number")
+        return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise _Mismatch(_describe(tp))
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """``section.key=value`` -> raw[section][key] = safe_load(value), with a clear error for bad input."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or key.count(".") != 1:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    section, name = key.split(".")
+    if section not in SECTIONS:
+        raise UserError(f"--set {item!r}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}")
+    hints = typing.get_type_hints(SECTIONS[section])
+    if name not in hints:
+        raise UserError(f"--set {item!r}: unknown key '{key}'{_suggest_key(section, name)}")
+    wants_str = hints[name] in (str, str | None)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        if not wants_str:
+            raise UserError(f"--set {item!r}: cannot parse the value {text!r} as YAML "
+                            "(quote it, e.g. --set 'data.instruction=\"a: b\"')") from None
+        value = text
+    if wants_str and value is not None and not isinstance(value, str):
+        value = text  # e.g. a custom template "{input}" would otherwise parse as a YAML mapping
+    if not isinstance(raw.get(section), dict):
+        raw[section] = {}
+    raw[section][name] = value
+
+
+def _check_paths(cfg: RunConfig, source: str) -> None:
+    model = Path(cfg.model.path)
+    if not model.exists():
+        raise UserError(f"{source}: model.path {model} does not exist; point it at a local HF model "
+                        "directory (config.json + *.safetensors); relative paths are from the current "
+                        "directory")
+    if not model.is_dir():
+        raise UserError(f"{source}: model.path {model} is not a directory; give the HF model directory")
+    if not (model / "config.json").is_file():
+        raise UserError(f"{source}: model.path {model} has no config.json; is it a Hugging Face model "
+                        "directory?")
+    if cfg.model.prequantized is not None and not Path(cfg.model.prequantized).is_dir():
+        raise UserError(f"{source}: model.prequantized {cfg.model.prequantized} is not a directory "
+                        "(write one with quant.save_quantized, or set it to null)")
+    data = Path(cfg.data.path)
+    if not data.is_file():
+        raise UserError(f"{source}: data.path {data} does not exist or is not a file; relative paths are "
+                        "from the current directory")
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _set(cfg: RunConfig, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _suggest_key(section: str, key: str) -> str:
+    """Prefer the same key in another section (``lora.lr`` -> ``train.lr``), else the nearest name."""
+    for other, cls in SECTIONS.items():
+        if other != section and key in typing.get_type_hints(cls):
+            return f"; did you mean '{other}.{key}'?"
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{section}.{close[0]}'?"
+    elsewhere = {f.name: s for s, c in SECTIONS.items() if s != section for f in dataclasses.fields(c)}
+    close = difflib.get_close_matches(key, list(elsewhere), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean '{elsewhere[close[0]]}.{close[0]}'?"
+    return f" (valid keys: {', '.join(names)})"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,543 @@
+"""Rows (CSV / JSONL / JSON) -> prompt template -> token ids + labels, ready for the loop and the evaluator.
+
+Pipeline: ``load_rows`` (read, check columns, convert token/tag rows, skip empty rows) -> ``split_rows``
+(seeded shuffle, train from the head, test from the tail) -> ``encode_example`` per row (tokenise
+once, truncate the input if needed) -> ``collate`` (right padding, masked by position).
+
+Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids`` and the loss at
+position t compares ``logits[t]`` with ``labels[t + 1]`` (the loop shifts); ``-100`` means "no loss".
+``labels[0]`` (BOS) is always -100: nothing predicts the first token.
+
+Tokenisation, and why prompt and response are encoded separately:
+``input_ids = [BOS] + encode(prompt) + encode(response) + [EOS]``. Encoding the two texts apart makes the
+boundary exact: no SentencePiece merge can straddle it, the prompt ids are *exactly* the ids the
+evaluator feeds to generation (``ex.input_ids[:ex.prompt_len]``), and the loss mask falls on a token
+edge. SentencePiece (Llama's ``add_dummy_prefix``) starts every encoded text with a "▁", so the
+response's first token is the word-initial form (``▁Mario``, as after a space in running text) rather
+than whatever a joint encoding after ``\\n`` would give. We train on that form consistently; a model
+trained so generates ``▁Mario``, and decoding the generated ids alone drops the leading "▁", so the
+evaluator's text equals the reference. Hence also: a template's *spaces* right before ``{output}`` are
+removed from the prompt (the dummy prefix stands for that space: llama2-chat's ``[/INST] {output}``),
+while a *newline* there stays in the prompt (alpaca's ``### Response:\\n``).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import random
+import string
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from finetune.config import DataConfig, check_template
+from finetune.errors import UserError
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+# The seeds' instruction template (Alpaca layout); {instruction} defaults to the seeds' fixed sentence.
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n"
+    "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n{output}"
+)
+# Llama-2 chat layout `<s>[INST] ... [/INST] answer </s>`: <s>/</s> are the BOS/EOS *ids*, added when
+# tokenising, never literal text (SentencePiece would spell "<s>" as ordinary characters).
+LLAMA2_CHAT_TEMPLATE = "[INST] {instruction} {input} [/INST] {output}"
+TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "llama2-chat": LLAMA2_CHAT_TEMPLATE}
+
+# Where the answer starts in a preformatted `text` row when data.response_marker is null (checked in order).
+AUTO_RESPONSE_MARKERS = ("[/INST]", "### Response:\n", "### Response:")
+
+
+class TokenizerLike(Protocol):
+    """What this module needs from `llama.Tokenizer` (SentencePiece with Llama-2's conventions)."""
+
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class Example:
+    """One tokenised row. ``input_ids[:prompt_len]`` is the prompt (BOS included) to generate from."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int = 0
+    truncated: bool = False          # the input text was cut to fit max_length
+    row: dict[str, Any] | None = None  # the source row (reference output, input text) for the evaluator
+
+
+@dataclass
+class DataStats:
+    """Counts reported at the start of a run: nothing is dropped or cut without being counted here."""
+
+    rows: int = 0                    # rows read from the file (blank lines / blank CSV records excluded)
+    empty_skipped: int = 0           # rows with no input (or no text / no tokens): skipped
+    empty_outputs: int = 0           # rows kept with an empty output (e.g. no entities): the target is EOS
+    train_rows: int = 0
+    test_rows: int = 0
+    truncated: int = 0               # rows whose input was cut (from its end) to fit max_length
+    too_long_skipped: int = 0        # rows that do not fit even with the input cut away: skipped
+    marker_missing_skipped: int = 0  # text rows without the configured response_marker: skipped
+    unmasked_text_rows: int = 0      # text rows with no response marker found: trained on whole text
+    train_examples: int = 0
+    test_examples: int = 0
+    train_tokens: int = 0            # non-padding tokens in the train split
+    train_target_tokens: int = 0     # tokens that carry loss in the train split
+    max_tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"data: {self.rows} rows, {self.empty_skipped} empty skipped, {self.empty_outputs} empty "
+                f"outputs; split {self.train_rows} train / {self.test_rows} test; {self.truncated} inputs "
+                f"truncated, {self.too_long_skipped} too long skipped, {self.marker_missing_skipped} "
+                f"without response marker skipped; {self.train_examples} train / {self.test_examples} "
+                f"test examples, {self.train_target_tokens}/{self.train_tokens} train tokens with loss, "
+                f"longest {self.max_tokens}")
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    test: list[Example]
+    stats: DataStats = field(default_factory=DataStats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading
+
+
+def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+    """Read ``cfg.path`` into ``{"input", "output"}`` (or ``{"text"}``) rows; empty rows are skipped.
+
+    Every row also carries ``"source"`` (e.g. ``"line 12"``) for messages. Raise ``UserError`` on a
+    missing/empty file, bad encoding, malformed records, or missing columns.
+    """
+    rows, stats = read_rows(cfg)
+    if stats.empty_skipped:
+        warnings.warn(f"{cfg.path}: skipped {stats.empty_skipped} empty rows (no input text)", stacklevel=2)
+    return rows
+
+
+def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], DataStats]:
+    """``load_rows`` without the warning, plus the counts (rows read, empty skipped, empty outputs)."""
+    path = Path(cfg.path)
+    fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(path)
+    text = _read_utf8(path)
+    records = {"csv": _csv_records, "jsonl": _jsonl_records, "json": _json_records}[fmt](text, path)
+    stats = DataStats()
+    rows: list[dict[str, Any]] = []
+    mode = None
+    for where, record in records:
+        if mode is None:
+            mode = _detect_mode(cfg, record, path)
+        stats.rows += 1
+        try:
+            row = _convert(cfg, mode, record, path, where)
+        except ValueError as e:
+            raise UserError(f"{path}: {where}: {e}") from None
+        if row is None:
+            stats.empty_skipped += 1
+            continue
+        if mode != "text" and not row["output"].strip():
+            stats.empty_outputs += 1
+        row["source"] = where
+        rows.append(row)
+    if stats.rows == 0:
+        raise UserError(f"data file {path} has no data rows (only a header or blank lines); fill it or "
+                        "change data.path")
+    if not rows:
+        raise UserError(f"data file {path}: all {stats.rows} rows are empty (no input text)")
+    return rows, stats
+
+
+def _format_from_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    formats = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+    if suffix not in formats:
+        raise UserError(f"cannot tell the format of {path} from its extension '{suffix}'; set data.format to "
+                        "csv, jsonl or json")
+    return formats[suffix]
+
+
+def _read_utf8(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path} (set data.path; relative paths are from the current "
+                        "directory)")
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"data file {path} is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: line {line}: bytes {data[e.start:e.end]!r} are not valid UTF-8; re-save "
+                        "the file as UTF-8") from None
+    return text.removeprefix("\ufeff")  # spreadsheet tools write a UTF-8 byte-order mark
+
+
+def _csv_records(text: str, path: Path):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise UserError(f"data file {path} has no CSV header")
+        start = reader.line_num + 1
+        for record in reader:
+            if None in record or any(v is None for v in record.values()):
+                n = len(header) + len(record.get(None) or []) - sum(
+                    v is None for k, v in record.items() if k is not None)
+                raise UserError(f"{path}: line {start}: {n} fields but the header has {len(header)} "
+                                f"({', '.join(header)}); quote fields that contain commas")
+            yield f"line {start}", record
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+
+
+def _jsonl_records(text: str, path: Path):
+    # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object per line, got "
+                            f"{type(record).__name__}")
+        yield f"line {number}", record
+
+
+def _json_records(text: str, path: Path):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects, got {type(data).__name__} (for one "
+                        "object per line use .jsonl)")
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: item {index}: expected a JSON object, got {type(record).__name__}")
+        yield f"item {index}", record
+
+
+def _detect_mode(cfg: DataConfig, record: dict[str, Any], path: Path) -> str:
+    found = ", ".join(map(str, record)) or "none"
+    if cfg.text_column is not None:
+        if cfg.text_column not in record:
+            raise UserError(f"{path}: no column '{cfg.text_column}' (data.text_column); "
+                            f"columns found: {found}")
+        return "text"
+    if cfg.input_column in record or cfg.output_column in record:
+        missing = [c for c in (cfg.input_column, cfg.output_column) if c not in record]
+        if missing:
+            raise UserError(f"{path}: no column '{missing[0]}'; columns found: {found}; set "
+                            "data.input_column / data.output_column")
+        return "pair"
+    if cfg.tokens_column in record and cfg.tags_column in record:
+        return "tags"
+    raise UserError(f"{path}: no columns '{cfg.input_column}'/'{cfg.output_column}' "
+                    f"(columns found: {found}); set data.input_column and data.output_column, "
+                    "data.text_column for preformatted text, or data.tokens_column/data.tags_column "
+                    "for token/tag rows")
+
+
+def _convert(cfg: DataConfig, mode: str, record: dict[str, Any], path: Path, where: str) -> dict | None:
+    found = ", ".join(map(str, record))
+    needed = {"text": [cfg.text_column], "pair": [cfg.input_column, cfg.output_column],
+              "tags": [cfg.tokens_column, cfg.tags_column]}[mode]
+    for column in needed:
+        if column not in record:
+            raise UserError(f"{path}: {where}: no column '{column}'; columns found: {found}")
+    if mode == "text":
+        text = _as_text(record[cfg.text_column], cfg.text_column)
+        return {"text": text} if text.strip() else None
+    if mode == "pair":
+        source = _as_text(record[cfg.input_column], cfg.input_column)
+        target = _as_text(record[cfg.output_column], cfg.output_column)
+        return {"input": source, "output": target} if source.strip() else None
+    tokens = _as_list(record[cfg.tokens_column], cfg.tokens_column)
+    tags = _as_list(record[cfg.tags_column], cfg.tags_column)
+    if not tokens:
+        return None
+    if len(tokens) != len(tags):
+        raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
+    return {"input": " ".join(map(str, tokens)), "output": tags_to_entities(tokens, tags, cfg.tag_labels)}
+
+
+def _as_text(value: Any, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise ValueError(f"column '{column}' must hold text, got {type(value).__name__}")
+
+
+def _as_list(value: Any, column: str) -> list:
+    if isinstance(value, str):  # a CSV cell holding a JSON or Python list
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"column '{column}' must hold a list, got {value[:40]!r}") from None
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"column '{column}' must hold a list, got {type(value).__name__}")
+    return list(value)
+
+
+def tags_to_entities(tokens: Sequence[str], tags: Sequence[int | str],
+                     labels: Sequence[str] | None = None) -> str:
+    """Token/tag rows -> the entity output format: one ``span: TYPE`` per line (DESIGN.md).
+
+    Tags are label strings (``B-PER``, ``I-PER``, ``O``; ``S-``/``E-`` of BIOES and bare ``PER`` are
+    accepted) or integers indexing ``labels`` (MultiNERD's ``ner_tags``). ``B-`` (or a type change)
+    opens a span, ``I-`` of the same type extends it; span tokens are joined with single spaces, like
+    the input text built from the same tokens. Raise ValueError on an unknown tag index.
+    """
+    names = []
+    for tag in tags:
+        if isinstance(tag, bool) or not isinstance(tag, (int, str)):
+            raise ValueError(f"tags must be integers or label strings, got {tag!r}")
+        if isinstance(tag, int):
+            if labels is None:
+                raise ValueError("tags are integers but data.tag_labels is not set; give the label list, "
+                                 "e.g. tag_labels: [O, B-PER, I-PER, B-ORG, I-ORG, B-LOC, I-LOC]")
+            if not 0 <= tag < len(labels):
+                raise ValueError(f"tag {tag} is outside data.tag_labels (which has {len(labels)} labels)")
+            tag = labels[tag]
+        names.append(tag.strip())
+    entities: list[str] = []
+    span: list[str] = []
+    span_type = None
+    for token, tag in zip(tokens, names):
+        if tag in ("O", ""):
+            prefix, kind = "O", None
+        elif len(tag) > 2 and tag[1] == "-" and tag[0] in "BIES":
+            prefix, kind = tag[0], tag[2:]
+        else:
+            prefix, kind = "I", tag
+        if span and (prefix in ("O", "B", "S") or kind != span_type):
+            entities.append(f"{' '.join(span)}: {span_type}")
+            span = []
+        if kind is not None:
+            span.append(str(token))
+            span_type = kind
+            if prefix in ("E", "S"):
+                entities.append(f"{' '.join(span)}: {span_type}")
+                span = []
+    if span:
+        entities.append(f"{' '.join(span)}: {span_type}")
+    return "\n".join(entities)
+
+
+# ---------------------------------------------------------------------------------------------------
+# splitting, templates, tokenisation
+
+
+def split_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Seeded shuffle, then the first ``train_size`` rows train and the last ``test_size`` rows test.
+
+    The seeds' layout (``shuffle(df, random_state=42)``, ``head(4000)``, ``tail(1500)``; our shuffle is
+    Python's ``random.Random(seed)``, so the row order differs from pandas'). Taking the test rows from
+    the end means changing ``train_size`` never changes the test set, and the two never overlap."""
+    n = len(rows)
+    n_test = cfg.test_size or 0
+    if n_test > n:
+        raise UserError(f"data.test_size={n_test} is larger than the data: {cfg.path} has {n} usable rows; "
+                        "lower data.test_size")
+    n_train = n - n_test if cfg.train_size is None else cfg.train_size
+    if n_train < 1:
+        raise UserError(f"no rows left for training: {cfg.path} has {n} usable rows and data.test_size is "
+                        f"{n_test}; lower data.test_size")
+    if n_train + n_test > n:
+        raise UserError(f"data.train_size + data.test_size = {n_train} + {n_test} is larger than the data: "
+                        f"{cfg.path} has {n} usable rows; lower them (train_size: null takes the rest)")
+    order = list(range(n))
+    random.Random(cfg.shuffle_seed).shuffle(order)
+    train = [rows[i] for i in order[:n_train]]
+    test = [rows[i] for i in order[n - n_test:]]
+    return train, test
+
+
+def template_text(cfg: DataConfig) -> str:
+    """The full template string for ``cfg.template`` (a name or a custom string)."""
+    check_template(cfg.template, "data config")
+    return TEMPLATES.get(cfg.template, cfg.template)
+
+
+def format_prompt(cfg: DataConfig, input_text: str) -> str:
+    """The prompt text for one input: the template up to ``{output}``, trailing spaces removed.
+
+    Trailing spaces go because the response's SentencePiece dummy prefix stands for them (module doc).
+    """
+    head = []
+    for literal, name, spec, conversion in string.Formatter().parse(template_text(cfg)):
+        head.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name == "output":
+            break
+        if name is not None:
+            head.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                        + "}")
+    return "".join(head).format(input=input_text, instruction=cfg.instruction).rstrip(" ")
+
+
+def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
+                  max_tokens: int) -> tuple[list[int], bool] | None:
+    """``[BOS] + encode(prompt)`` in at most ``max_tokens`` ids, cutting the *input* if needed.
+
+    The input is cut token-wise from its end and the prompt re-formatted around it, so the template's
+    tail (``### Response:``, ``[/INST]``) is always kept and the ids are exactly ``encode`` of the
+    returned prompt text. Returns ``(ids, truncated)``, or None if even an empty input does not fit.
+    """
+    ids = tok.encode(format_prompt(cfg, input_text), bos=True, eos=False)
+    if len(ids) <= max_tokens:
+        return ids, False
+    input_ids = tok.encode(input_text, bos=False, eos=False)
+    keep = len(input_ids) - (len(ids) - max_tokens)
+    while keep > 0:  # decode/re-encode may shift a token or two at the cut; shrink until it fits
+        ids = tok.encode(format_prompt(cfg, tok.decode(input_ids[:keep])), bos=True, eos=False)
+        if len(ids) <= max_tokens:
+            return ids, True
+        keep -= len(ids) - max_tokens
+    return None
+
+
+def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> Example | None:
+    """Tokenise one row: ``[BOS] prompt | response [EOS]``; None if it cannot fit ``cfg.max_length``.
+
+    Prompt tokens get label -100 unless ``cfg.train_on_prompt``; BOS never carries loss; EOS always does.
+    """
+    if "text" in row:
+        split = _split_text_row(cfg, row["text"])
+        if split is None:
+            return None
+        prompt_text, response = split
+        prompt_ids = tok.encode(prompt_text, bos=True, eos=False)
+        truncated = False
+    else:
+        response = row["output"]
+    response_ids = tok.encode(response, bos=False, eos=False) if response else []
+    response_ids.append(tok.eos_id)
+    budget = cfg.max_length - len(response_ids)
+    if "text" not in row:
+        fitted = encode_prompt(tok, cfg, row["input"], budget)
+        if fitted is None:
+            return None
+        prompt_ids, truncated = fitted
+    elif len(prompt_ids) > budget:
+        return None
+    input_ids = prompt_ids + response_ids
+    if cfg.train_on_prompt or (("text" in row) and not prompt_text):
+        labels = [IGNORE_INDEX] + input_ids[1:]
+    else:
+        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return Example(input_ids, labels, prompt_len=len(prompt_ids), truncated=truncated, row=row)
+
+
+def _split_text_row(cfg: DataConfig, text: str) -> tuple[str, str] | None:
+    """A preformatted text -> (prompt, response) at the response marker (last occurrence).
+
+    Literal ``<s>``/``</s>`` at the ends are removed (BOS/EOS are ids). No marker: with an explicit
+    ``response_marker`` the row is skipped (None); in auto mode the whole text is the response.
+    """
+    text = text.strip()
+    text = text.removeprefix("<s>").removesuffix("</s>").strip()
+    markers = (cfg.response_marker,) if cfg.response_marker else AUTO_RESPONSE_MARKERS
+    for marker in markers:
+        at = text.rfind(marker)
+        if at >= 0:
+            prompt, response = text[:at + len(marker)].rstrip(" "), text[at + len(marker):]
+            return prompt, response.removeprefix(" ")  # the dummy prefix stands for that space
+    if cfg.response_marker:
+        return None
+    return "", text
+
+
+def prepare(cfg: DataConfig, tok: TokenizerLike) -> PreparedData:
+    """Read, split and tokenise; warn about (and count) every skipped row. Raise if nothing is trainable."""
+    rows, stats = read_rows(cfg)
+    train_rows, test_rows = split_rows(rows, cfg)
+    stats.train_rows, stats.test_rows = len(train_rows), len(test_rows)
+    if any("text" not in r for r in rows):
+        fixed = len(tok.encode(format_prompt(cfg, ""), bos=True, eos=False)) + 1
+        if fixed >= cfg.max_length:
+            raise UserError(f"data.max_length={cfg.max_length} is too small for the template: the prompt "
+                            f"with an empty input plus EOS already takes {fixed} tokens; "
+                            "raise data.max_length")
+    splits = []
+    skipped = []
+    for part in (train_rows, test_rows):
+        examples = []
+        for row in part:
+            ex = encode_example(tok, cfg, row)
+            if ex is None:
+                if "text" in row and cfg.response_marker and cfg.response_marker not in row["text"]:
+                    stats.marker_missing_skipped += 1
+                else:
+                    stats.too_long_skipped += 1
+                skipped.append(row.get("source", "?"))
+                continue
+            if "text" in row and ex.prompt_len == 1 and not cfg.train_on_prompt:
+                stats.unmasked_text_rows += 1
+            stats.truncated += ex.truncated
+            stats.max_tokens = max(stats.max_tokens, len(ex.input_ids))
+            examples.append(ex)
+        splits.append(examples)
+    train, test = splits
+    stats.train_examples, stats.test_examples = len(train), len(test)
+    stats.train_tokens = sum(len(e.input_ids) for e in train)
+    stats.train_target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in train)
+    if stats.empty_skipped:
+        warnings.warn(f"{cfg.path}: skipped {stats.empty_skipped} empty rows (no input text)", stacklevel=2)
+    if stats.too_long_skipped:
+        warnings.warn(f"{cfg.path}: skipped {stats.too_long_skipped} rows whose response does not fit "
+                      f"data.max_length={cfg.max_length} even with the input cut away (e.g. "
+                      f"{', '.join(skipped[:5])}); raise data.max_length to keep them", stacklevel=2)
+    if stats.marker_missing_skipped:
+        warnings.warn(f"{cfg.path}: skipped {stats.marker_missing_skipped} text rows without "
+                      f"data.response_marker {cfg.response_marker!r}", stacklevel=2)
+    if stats.unmasked_text_rows:
+        warnings.warn(f"{cfg.path}: {stats.unmasked_text_rows} text rows have no response marker "
+                      f"({', '.join(map(repr, AUTO_RESPONSE_MARKERS))}); their whole text carries loss; "
+                      "set data.response_marker to mask their prompts", stacklevel=2)
+    if not train:
+        raise UserError(f"{cfg.path}: no training example fits data.max_length={cfg.max_length}; raise it")
+    return PreparedData(train=train, test=test, stats=stats)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: ``input_ids`` (pad_id), ``attention_mask`` (1 real, 0 pad),
+    ``labels`` (-100 on padding). Padding is marked by position, never by token id: pad may equal EOS,
+    and EOS must keep its loss."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,165 @@
+"""Batched generation with a preallocated KV cache: left-padded prompts, greedy or sampled.
+
+One prefill over the left-padded batch fills every layer's cache, then each decode step feeds one
+token per row at the next cache slot. RoPE positions come from the slot mask (cumsum - 1), so a
+short prompt padded on the left still starts at position 0. The only Python loop is over decode
+steps; `decode_step` has static shapes (the slot is a tensor), so `torch.compile` traces it once.
+The model is called only through its forward, so 4-bit and LoRA-wrapped linears work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .model import KVCache, Llama
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """fp32 logits (B, V) divided by temperature, with tokens outside top-k / top-p set to -inf.
+
+    Applied in transformers' order (temperature, top-k, top-p). Top-p (nucleus sampling, Holtzman
+    et al. 2019) keeps the most likely tokens until their mass reaches p, and always the first.
+    """
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        drop = mass_before >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): argmax if temperature <= 0, else a seeded draw."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def decode_step(model: Llama, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                kv_caches: list[KVCache], input_pos: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) of the last position of `tokens` (B, T) written at cache slots `input_pos`."""
+    hidden = model(tokens, attention_mask, hidden_only=True, kv_caches=kv_caches, input_pos=input_pos)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, eos_id: int | Sequence[int] | None = None,
+                 pad_id: int | None = None, batch_size: int | None = None,
+                 stop_fn: Callable[[list[int]], bool] | None = None,
+                 compile: bool = False) -> list[list[int]]:
+    """New token ids for each prompt, up to (not including) the first EOS.
+
+    eos_id: one id or several; None = the model config's; [] = never stop early.
+    pad_id: fills the left padding (masked, so any valid id; default config pad id or 0).
+    batch_size: prompts per batch (None = all at once); prompts are grouped by length.
+    stop_fn(new_ids) -> True ends that row (its tokens are kept; `generate` trims stop strings).
+    seed: sampling is reproducible for a given seed, batch composition and device.
+    """
+    cfg = model.config
+    eos = cfg.eos_token_ids if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    pad = pad_id if pad_id is not None and pad_id >= 0 else (cfg.pad_token_id or 0)
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_ids: every prompt needs at least one token (e.g. BOS)")
+    if not prompt_ids:
+        return []
+    device = model.model.embed_tokens.weight.device
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    step_fn = torch.compile(decode_step, dynamic=False) if compile else decode_step
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    batch_size = batch_size or len(order)
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    was_training = model.training
+    model.eval()  # no LoRA dropout while generating
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                new = _generate_batch(model, [list(prompt_ids[i]) for i in rows], max_new_tokens,
+                                      (temperature, top_k, top_p, generator), eos, pad, stop_fn, step_fn)
+                for i, ids in zip(rows, new):
+                    results[i] = ids
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int, sampling: tuple[Any, ...],
+                    eos: list[int], pad: int, stop_fn: Callable[[list[int]], bool] | None,
+                    step_fn: Callable[..., torch.Tensor]) -> list[list[int]]:
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    device = model.model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = P + max_new_tokens
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)
+    mask = torch.ones(B, S, dtype=torch.long, device=device)  # slots P.. are the generated tokens
+    mask[:, :P] = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                   else model.model.embed_tokens.weight.dtype)
+    caches = model.make_kv_caches(B, S, dtype=cache_dtype, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+
+    # Prefill: one forward over the prompts, logits only at the last slot.
+    logits = decode_step(model, ids, mask, caches, torch.arange(P, device=device))
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped_at: dict[int, int] = {}  # row -> tokens kept when stop_fn fired
+    for step in range(max_new_tokens):
+        nxt = sample(logits, *sampling)
+        out[:, step] = nxt
+        done |= torch.isin(nxt, eos_t)
+        if stop_fn is not None:
+            so_far = out[:, :step + 1].tolist()
+            for r in range(B):
+                if r not in stopped_at and stop_fn(so_far[r]):
+                    stopped_at[r] = step + 1
+            if stopped_at:
+                done[list(stopped_at)] = True
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = step_fn(model, nxt[:, None], mask, caches, torch.tensor([P + step], device=device))
+
+    result = []
+    for r, row in enumerate(out[:, :step + 1].tolist()):
+        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+        result.append(row[:min(cut, stopped_at.get(r, cut))])
+    return result
+
+
+def generate(model: Llama, tok: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+             stop: str | Sequence[str] | None = None, batch_size: int = 8, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_at_eos: bool = True, compile: bool = False) -> list[str]:
+    """The generated text of each prompt (only the new text; a stop string and what follows removed).
+
+    Prompts are encoded with BOS; generation stops at EOS (tokenizer's and config's) unless
+    `stop_at_eos` is False, at any of `stop`, or after `max_new_tokens`.
+    """
+    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    eos = sorted({tok.eos_id, *model.config.eos_token_ids} - {None}) if stop_at_eos else []
+    stop_fn = (lambda new: any(s in tok.decode(new) for s in stops)) if stops else None
+    ids = generate_ids(model, [tok.encode(p, bos=True, eos=False) for p in prompts],
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, eos_id=eos, pad_id=tok.pad_id, batch_size=batch_size,
+                       stop_fn=stop_fn, compile=compile)
+    texts = []
+    for new in ids:
+        text = tok.decode(new)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+        texts.append(text[:cut])
+    return texts

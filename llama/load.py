@@ -1,0 +1,205 @@
+"""Load a HF Llama checkpoint (safetensors, single file or sharded) into `Llama`, tensor by tensor.
+
+The model is built on the meta device (no memory), every tensor header is checked against it
+before any data is read, then tensors stream in one at a time, converted to the target dtype on
+the way. Each shard is re-opened per tensor: safetensors memory-maps the file, and pages touched
+through a mapping that stays open count as resident memory until it is closed, so one long-lived
+handle would hold the whole shard in RSS next to the converted copy.
+
+`linear_hook(name, linear) -> module` is called as soon as a linear's tensors are loaded (see
+docs/INTERFACES.md); `quant` uses it to turn each weight into 4 bits before the next one arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import LlamaConfig, LoadError
+from .model import Llama
+
+LinearHook = Callable[[str, nn.Linear], nn.Module]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_CONVERT = ("convert it once with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(dir, safe_serialization=True)")
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = torch.float32,
+                    linear_hook: LinearHook | None = None) -> Llama:
+    """Load a HF Llama directory (config.json + safetensors) into a `Llama`, returned in eval mode.
+
+    dtype: the dtype every tensor is converted to (None or "auto": the checkpoint's own dtype).
+    device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when available).
+    Raises `LoadError` (a ValueError) with a one-line message on any bad input.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LoadError(f"{path}: no such model directory; pass the folder that holds config.json "
+                        "and the *.safetensors weights")
+    cfg = LlamaConfig.from_hf(path)
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                          else "cpu" if device == "auto" else device)
+    dtype = _resolve_dtype(dtype, cfg)
+    where = _find_weights(path)  # tensor name -> shard file
+    with torch.device("meta"):
+        model = Llama(cfg)
+    _check_headers(model, where, path)
+    _stream(model, where, device, dtype, linear_hook)
+    model.model.rotary_emb.reset(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # unreachable after _check_headers; kept so a bug can never return a half-empty model
+        raise LoadError(f"{path}: tensors never loaded: {', '.join(left[:5])}")
+    return model.eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, cfg: LlamaConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = cfg.torch_dtype or "float32"
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise LoadError(f"dtype {dtype!r} is not a torch floating dtype; use float32, bfloat16, float16")
+        dtype = resolved
+    return dtype
+
+
+def _find_weights(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it (single file, or the sharded index)."""
+    if (path / SINGLE_FILE).is_file():
+        with _open(path / SINGLE_FILE) as f:
+            return {name: path / SINGLE_FILE for name in f.keys()}
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' object: {e}); "
+                            "re-save the checkpoint with save_pretrained") from e
+        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if absent:
+            raise LoadError(f"{index} names shard {absent[0]} which is absent from {path}"
+                            f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
+                            "copy every shard listed in the index")
+        return {name: path / f for name, f in weight_map.items()}
+    if any(path.glob("pytorch_model*.bin")):
+        raise LoadError(f"{path} holds only pytorch_model*.bin (a pickle, which can run code: we never "
+                        f"unpickle); {_CONVERT}")
+    if any(path.glob("consolidated*.pth")):
+        raise LoadError(f"{path} holds Meta's original consolidated*.pth format; convert it to the HF "
+                        "layout with transformers' convert_llama_weights_to_hf.py")
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    raise LoadError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE} (found: {found}); "
+                    "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+@contextmanager
+def _open(file: Path) -> Iterator[Any]:
+    """safe_open that turns a corrupt or truncated file into a LoadError naming it."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{file} is not a readable safetensors file (truncated or corrupt: {e}); "
+                        "re-download or re-save it") from e
+
+
+def _ignored(name: str, cfg: LlamaConfig) -> bool:
+    # transformers < 4.31 saved RoPE tables as `...rotary_emb.inv_freq` (Llama-2-7b-hf has them);
+    # they are recomputed. A tied checkpoint may still carry lm_head.weight: the embedding wins.
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _expected(model: Llama) -> dict[str, tuple[int, ...]]:
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del shapes["lm_head.weight"]  # an alias of model.embed_tokens.weight, not stored
+    return shapes
+
+
+def _check_headers(model: Llama, where: dict[str, Path], path: Path) -> None:
+    """Names and shapes from the headers only, before any tensor data is read."""
+    expected = _expected(model)
+    names = {n for n in where if not _ignored(n, model.config)}
+    missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
+    if missing:
+        raise LoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
+                        f"{', '.join(missing[:4])}; config.json and the weights disagree, or a shard is "
+                        "incomplete")
+    if unexpected:
+        raise LoadError(f"{path}: the checkpoint has {len(unexpected)} tensor(s) a Llama does not use, "
+                        f"e.g. {', '.join(unexpected[:4])}; is this a (non-quantized) Llama checkpoint "
+                        "matching its config.json?")
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(names):
+        by_file.setdefault(where[name], []).append(name)
+    for file, file_names in by_file.items():
+        with _open(file) as f:
+            held = set(f.keys())
+            for name in file_names:
+                if name not in held:
+                    raise LoadError(f"{path / INDEX_FILE} maps {name} to {file.name}, which does not hold "
+                                    "it; the index and the shards come from different saves")
+                got = tuple(f.get_slice(name).get_shape())
+                if got != expected[name]:
+                    raise LoadError(f"{file}: tensor {name} has shape {list(got)}, expected "
+                                    f"{list(expected[name])} from config.json; the config does not match "
+                                    "the weights")
+
+
+def _stream(model: Llama, where: dict[str, Path], device: torch.device, dtype: torch.dtype,
+            hook: LinearHook | None) -> None:
+    cfg = model.config
+    names = sorted((n for n in where if not _ignored(n, cfg)), key=lambda n: (str(where[n]), n))
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # linear path -> its tensors loaded so far
+    for name in names:
+        with _open(where[name]) as f:
+            try:
+                t = f.get_tensor(name)
+            except SafetensorError as e:
+                raise LoadError(f"{where[name]}: cannot read tensor {name} ({e}); the file is corrupt, "
+                                "re-download or re-save it") from e
+        if t.is_floating_point():
+            t = t.to(device=device, dtype=dtype)
+        else:
+            t = t.to(device=device)
+        module_path, attr = name.rsplit(".", 1)
+        module = model.get_submodule(module_path)
+        if isinstance(module, nn.Linear):
+            got = pending.setdefault(module_path, {})
+            got[attr] = t
+            if "weight" in got and ("bias" in got or module.bias is None):
+                del pending[module_path]
+                _finish_linear(model, module_path, module, got, hook)
+        else:
+            setattr(module, attr, nn.Parameter(t))
+            if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+                model.tie_weights()
+                _finish_linear(model, "lm_head", model.lm_head, {}, hook)
+        del t, module  # the replaced full-precision linear must not outlive this iteration
+
+
+def _finish_linear(model: Llama, path: str, linear: nn.Linear, tensors: dict[str, torch.Tensor],
+                   hook: LinearHook | None) -> None:
+    """Give the meta linear its real tensors, let the hook replace it, drop our references."""
+    for attr, t in tensors.items():
+        setattr(linear, attr, nn.Parameter(t))
+    tensors.clear()
+    if hook is None:
+        return
+    new = hook(path, linear)
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"linear_hook returned {type(new).__name__} for {path}; it must return an "
+                        "nn.Module (the linear itself to keep it)")
+    if new is not linear:
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
