@@ -33,9 +33,10 @@ PREFIX = "base_model.model."
 # rank_pattern, layers_to_transform, arrow_config, ... and whatever future PEFT versions add) must be
 # empty/false: each of them changes the maths or the file layout, and refusing it beats loading
 # something subtly different.
-_ALLOWED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "r", "lora_alpha", "lora_dropout",
-            "target_modules", "use_rslora", "inference_mode", "init_lora_weights", "peft_version",
-            "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
+_ALLOWED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "r", "lora_alpha",
+            "lora_dropout", "target_modules", "use_rslora", "inference_mode", "init_lora_weights",
+            "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+            "runtime_config"}
 _MUST_BE = {"bias": "none"}
 # Init schemes that rewrite the *base* weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA): such an adapter
 # is only right on the modified base, so it is refused here.

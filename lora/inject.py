@@ -141,6 +141,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def _set_child(model: nn.Module, path: str, child: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    # Follow the parent's train/eval mode: a model put in eval() must not get active LoRA dropout
+    # (modules swapped in later, e.g. by a quantiser, may have been left in training mode).
+    child.train(parent.training)
     setattr(parent, attr, child)
 
 

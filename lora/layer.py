@@ -80,6 +80,9 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.reset_lora_parameters()
+        # New modules start in training mode; inherit the base's, so that injecting into a model in
+        # eval() does not switch dropout on behind the user's back.
+        self.train(base.training)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0, so the update starts at zero."""

@@ -113,7 +113,7 @@ def to_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32)
     m.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         m.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return m.to("cpu")
+    return m.to("cpu").train(linear.training)
 
 
 def quantize_linears(model: nn.Module, pattern: str = r".*layers\.\d+\..*") -> list[str]:

@@ -106,3 +106,14 @@ def test_gradient_checkpointing_gives_every_a_and_b_a_gradient(tiny_model_dir, b
     opt.step()
     frozen = [p for n, p in model.named_parameters() if ".lora_" not in n]
     assert all(p.grad is None for p in frozen)
+
+
+def test_injected_modules_follow_the_models_train_eval_mode():
+    model = make_toy().eval()
+    model.layers[0].q_proj.train()  # e.g. a module swapped in after model.eval()
+    lora.inject(model, targets=["q_proj"], r=2, alpha=4, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 2, 8)
+    assert torch.equal(model(x), model(x))  # no active dropout
+    model.train()
+    assert all(m.training for m in lora.lora_modules(model).values())

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lora_testlib import make_toy, randomize_lora
+from lora_testlib import make_toy, model_and_logits, randomize_lora
 from torch import nn
 
 import lora
@@ -75,6 +75,24 @@ def test_merge_unmerge_roundtrip_and_merge_twice_is_noop():
         assert (m.base.weight - base_only[n]).abs().max() <= 1e-6
     lora.unmerge(model)  # no-op too
     assert (model(x) - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["ours", "hf"])
+def test_merge_unmerge_on_a_llama(tiny_model_dir, backend):
+    model, logits = model_and_logits(backend, tiny_model_dir)
+    lora.inject(model, targets="all-linear", r=4, alpha=8, use_rslora=True)
+    randomize_lora(model)
+    ids = torch.randint(3, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    with lora.disable_adapter(model):
+        base = logits(model, ids)
+    before = logits(model, ids)
+    assert (before - base).abs().max() > 0.1
+    lora.merge(model)
+    lora.merge(model)
+    merged = logits(model, ids)
+    lora.unmerge(model)
+    after = logits(model, ids)
+    assert (merged - before).abs().max() <= 1e-5 and (after - before).abs().max() <= 1e-5
 
 
 def test_disable_adapter_gives_base_and_restores_state():
