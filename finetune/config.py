@@ -334,12 +334,12 @@ def check_template(template: str, source: str = "<config>") -> None:
                             f"{_did_you_mean(name, ('input', 'instruction', 'output'))}")
     if "input" not in fields:
         raise UserError(f"{source}: data.template must contain {{input}} (where the row's input text goes)")
-    if "output" in fields and not template.rstrip().endswith("{output}"):
-        raise UserError(f"{source}: data.template may use {{output}} only at its very end (the response "
-                        "always follows the prompt)")
     if "<s>" in template or "</s>" in template:
         raise UserError(f"{source}: data.template must not contain literal <s> or </s>: BOS/EOS are added "
                         "as token ids by the tokenizer; remove them from the template")
+    if "output" in fields and not template.rstrip().endswith("{output}"):
+        raise UserError(f"{source}: data.template may use {{output}} only at its very end (the response "
+                        "always follows the prompt)")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

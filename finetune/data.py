@@ -188,7 +188,8 @@ def _read_utf8(path: Path) -> str:
 
 
 def _csv_records(text: str, path: Path):
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # Windows line ends also appear inside quoted multi-line cells; a model should see "\n" there too
+    reader = csv.DictReader(io.StringIO(text.replace("\r\n", "\n"), newline=""))
     try:
         header = reader.fieldnames
         if not header:
@@ -406,16 +407,18 @@ def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
     """``[BOS] + encode(prompt)`` in at most ``max_tokens`` ids, cutting the *input* if needed.
 
     The input is cut token-wise from its end and the prompt re-formatted around it, so the template's
-    tail (``### Response:``, ``[/INST]``) is always kept and the ids are exactly ``encode`` of the
-    returned prompt text. Returns ``(ids, truncated)``, or None if even an empty input does not fit.
-    """
+    tail (``### Response:``, ``[/INST]``) is always kept and the ids are exactly
+    ``encode(format_prompt(cfg, prefix_of_input))``. Returns ``(ids, truncated)``, or None if not even
+    one input token fits. The evaluator may call it too (budget = max_length - max_new_tokens)."""
     ids = tok.encode(format_prompt(cfg, input_text), bos=True, eos=False)
     if len(ids) <= max_tokens:
         return ids, False
     input_ids = tok.encode(input_text, bos=False, eos=False)
     keep = len(input_ids) - (len(ids) - max_tokens)
     while keep > 0:  # decode/re-encode may shift a token or two at the cut; shrink until it fits
-        ids = tok.encode(format_prompt(cfg, tok.decode(input_ids[:keep])), bos=True, eos=False)
+        # a cut inside a multi-byte character decodes to U+FFFD: drop it rather than invent a character
+        kept = tok.decode(input_ids[:keep]).rstrip("\ufffd")
+        ids = tok.encode(format_prompt(cfg, kept), bos=True, eos=False)
         if len(ids) <= max_tokens:
             return ids, True
         keep -= len(ids) - max_tokens
@@ -432,22 +435,21 @@ def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> 
         if split is None:
             return None
         prompt_text, response = split
-        prompt_ids = tok.encode(prompt_text, bos=True, eos=False)
-        truncated = False
     else:
-        response = row["output"]
+        prompt_text, response = None, row["output"]
     response_ids = tok.encode(response, bos=False, eos=False) if response else []
     response_ids.append(tok.eos_id)
     budget = cfg.max_length - len(response_ids)
-    if "text" not in row:
+    if prompt_text is None:
         fitted = encode_prompt(tok, cfg, row["input"], budget)
-        if fitted is None:
-            return None
-        prompt_ids, truncated = fitted
-    elif len(prompt_ids) > budget:
+    else:  # a preformatted text has no separate input to cut
+        ids = tok.encode(prompt_text, bos=True, eos=False)
+        fitted = (ids, False) if len(ids) <= budget else None
+    if fitted is None:
         return None
+    prompt_ids, truncated = fitted
     input_ids = prompt_ids + response_ids
-    if cfg.train_on_prompt or (("text" in row) and not prompt_text):
+    if cfg.train_on_prompt or prompt_text == "":  # "" = a text row without a response marker
         labels = [IGNORE_INDEX] + input_ids[1:]
     else:
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids

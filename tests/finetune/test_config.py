@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -219,31 +220,31 @@ def test_quant_off_allows_full_training(paths):
 
 def test_custom_templates_that_are_valid(paths):
     for template in ("Testo: {input}\nEntità:\n{output}", "{instruction}\n{input}\n", "{{json}}: {input}"):
-        assert load_with(paths, f"data: {{template: {template!r}}}\n").data.template == template
+        assert load_with(paths, f"data: {{template: {json.dumps(template)}}}\n").data.template == template
 
 
 # ---------------------------------------------------------------------------------------------------
 # files and paths
 
 
-def test_missing_files_and_dirs(paths, tmp_path):
-    root = paths["root"]
-    assert "config file not found" in user_error(load_config, root / "nope.yaml")
-    msg = user_error(load_config, write(root, f"model: {{path: {root}/missing}}\ndata: {{path: {paths['data']}}}"))
-    assert f"model.path {root}/missing does not exist" in msg
-    msg = user_error(load_config, write(root, f"model: {{path: {paths['data']}}}\ndata: {{path: {paths['data']}}}"))
-    assert "is not a directory" in msg
+def test_missing_files_and_dirs(paths):
+    root, model, data = paths["root"], paths["model"], paths["data"]
     (root / "empty_model").mkdir()
-    msg = user_error(load_config, write(root, f"model: {{path: {root}/empty_model}}\ndata: {{path: {paths['data']}}}"))
-    assert "has no config.json" in msg
-    msg = user_error(load_config, write(root, f"model: {{path: {paths['model']}}}\ndata: {{path: {root}/x.csv}}"))
-    assert f"data.path {root}/x.csv does not exist" in msg
-    assert "model.path is required" in user_error(load_config, write(root, f"data: {{path: {paths['data']}}}"))
-    assert "data.path is required" in user_error(load_config, write(root, f"model: {{path: {paths['model']}}}"))
+
+    def load(model_path, data_path, **kwargs):
+        lines = [f"model: {{path: {model_path}}}" if model_path else "",
+                 f"data: {{path: {data_path}}}" if data_path else ""]
+        return load_config(write(root, "\n".join(lines) + "\n"), **kwargs)
+
+    assert "config file not found" in user_error(load_config, root / "nope.yaml")
+    assert f"model.path {root}/missing does not exist" in user_error(load, root / "missing", data)
+    assert f"model.path {data} is not a directory" in user_error(load, data, data)
+    assert "has no config.json" in user_error(load, root / "empty_model", data)
+    assert f"data.path {root}/x.csv does not exist" in user_error(load, model, root / "x.csv")
+    assert "model.path is required" in user_error(load, None, data)
+    assert "data.path is required" in user_error(load, model, None)
     # check_paths=False: tools that only read the config do not need the files
-    cfg = load_config(write(root, f"model: {{path: {root}/missing}}\ndata: {{path: {root}/x.csv}}"),
-                      check_paths=False)
-    assert cfg.model.path == f"{root}/missing"
+    assert load(root / "missing", root / "x.csv", check_paths=False).model.path == f"{root}/missing"
 
 
 def test_bad_yaml_files(paths):
@@ -295,6 +296,8 @@ def test_bad_overrides(paths, override, expected):
 def test_programmatic_configs_are_validated(paths):
     raw = {"model": {"path": str(paths["model"])}, "data": {"path": str(paths["data"])}}
     cfg = config_from_dict(raw)
-    assert cfg.lora == LoraConfig() and cfg.train == TrainConfig()
+    assert cfg.lora == LoraConfig()
+    assert dataclasses.replace(cfg.train, output_dir="runs/default") == TrainConfig()
+    assert cfg.train.output_dir == str(Path.cwd() / "runs" / "default")
     assert dataclasses.replace(cfg.data, path="") == DataConfig()
     assert "<config>: lora.r" in user_error(config_from_dict, {**raw, "lora": {"r": 0}})
