@@ -9,11 +9,7 @@ from .config import LlamaConfig, LoadError
 from .generate import decode_step, filter_logits, generate, generate_ids, sample
 from .load import from_pretrained
 from .model import KVCache, Llama
+from .tokenizer import Tokenizer, TokenizerError
 
-try:  # the tokenizer lands separately; the model must import without it meanwhile
-    from .tokenizer import Tokenizer
-except ImportError:  # pragma: no cover
-    Tokenizer = None  # type: ignore[assignment,misc]
-
-__all__ = ["KVCache", "Llama", "LlamaConfig", "LoadError", "Tokenizer", "decode_step", "filter_logits",
-           "from_pretrained", "generate", "generate_ids", "sample"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "LoadError", "Tokenizer", "TokenizerError", "decode_step",
+           "filter_logits", "from_pretrained", "generate", "generate_ids", "sample"]

@@ -141,11 +141,10 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     fields = {k: raw[k] for k in _REQUIRED}
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
                 "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
-                "bos_token_id", "eos_token_id", "pad_token_id"):
+                "bos_token_id", "eos_token_id"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
-    fields["pad_token_id"] = raw.get("pad_token_id")
-    fields.update(rope_theta=float(theta), rope_scaling=scaling,
+    fields.update(pad_token_id=raw.get("pad_token_id"), rope_theta=float(theta), rope_scaling=scaling,
                   torch_dtype=raw.get("dtype") or raw.get("torch_dtype"))
     return fields
 

@@ -124,9 +124,9 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
         out[:, step] = nxt
         done |= torch.isin(nxt, eos_t)
         if stop_fn is not None:
-            so_far = out[:, :step + 1].tolist()
+            so_far, finished = out[:, :step + 1].tolist(), done.tolist()
             for r in range(B):
-                if r not in stopped_at and stop_fn(so_far[r]):
+                if not finished[r] and stop_fn(so_far[r]):
                     stopped_at[r] = step + 1
             if stopped_at:
                 done[list(stopped_at)] = True

@@ -168,10 +168,9 @@ def _stream(model: Llama, where: dict[str, Path], device: torch.device, dtype: t
             except SafetensorError as e:
                 raise LoadError(f"{where[name]}: cannot read tensor {name} ({e}); the file is corrupt, "
                                 "re-download or re-save it") from e
-        if t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
-        else:
-            t = t.to(device=device)
+        # copy=True: safetensors hands out tensors backed by the file's memory map; a model living
+        # on that mapping would crash (SIGBUS) if the file were rewritten while it is loaded.
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
         module_path, attr = name.rsplit(".", 1)
         module = model.get_submodule(module_path)
         if isinstance(module, nn.Linear):

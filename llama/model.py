@@ -233,6 +233,7 @@ class Llama(nn.Module):
 
         attention_mask: (B, T), 1 = real token, 0 = padding (HF meaning). With `kv_caches`, it spans
         all S cache slots (B, S) and `input_pos` (T,) gives the slots of `input_ids`.
+        Without padding pass None: SDPA then runs causal flash attention (a mask rules flash out).
         """
         B, T = input_ids.shape
         slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)

@@ -164,7 +164,6 @@ def test_four_bit_lora_wrapped_model_generates_like_its_own_full_forward(tiny_mo
         assert new == seq[len(prompt):]
 
 
-@pytest.mark.skipif(llama.Tokenizer is None, reason="llama/tokenizer.py has not landed yet")
 def test_generate_text_equals_transformers_and_trims_stop_strings(tiny_model_dir):
     model = llama.from_pretrained(tiny_model_dir)
     ref = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()

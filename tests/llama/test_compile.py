@@ -1,0 +1,48 @@
+"""torch.compile traces the forward and the KV-cache decode step in one graph and matches eager."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import llama
+
+
+@functools.cache
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run here (e.g. no C++ compiler for inductor), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001 -- any failure means "unavailable on this machine"
+        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:200]
+    return None
+
+
+@pytest.fixture
+def one_layer_dir(make_checkpoint):
+    reason = compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    torch._dynamo.reset()
+    return make_checkpoint(num_hidden_layers=1, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+
+
+def test_compiled_forward_with_padding_mask_equals_eager(one_layer_dir):
+    model = llama.from_pretrained(one_layer_dir)
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), model(ids, mask), rtol=0, atol=1e-5)
+
+
+def test_compiled_decode_step_generates_the_eager_ids(one_layer_dir):
+    model = llama.from_pretrained(one_layer_dir)
+    prompts = [[1, 45, 300, 17, 9], [1, 5], [1, 400, 401]]
+    eager = llama.generate_ids(model, prompts, max_new_tokens=8, eos_id=[])
+    assert llama.generate_ids(model, prompts, max_new_tokens=8, eos_id=[], compile=True) == eager
