@@ -105,9 +105,10 @@ def parse_entities(text: Any) -> ParsedEntities:
        Markdown code fences around it are ignored.
     2. Token-tag list: whitespace-separated ``token:TAG`` items with IOB2/IOBES tags
        (``ginseng:B-PLANT extract:O``); ``B-``/``I-`` runs are merged into spans joined by one space.
-       Used when at least half the items look like that and one of them carries a ``B-``-style tag.
+       Used when every item looks like that, or at least half do and one carries a ``B-``-style tag.
     3. Lines (the training format, DESIGN.md): one ``span: TYPE`` per line, split at the *last* colon so
-       "Ore 10:30: TIME" works; list bullets are ignored; the type must be one word.
+       "Ore 10:30: TIME" works; list markers ("- ", "1. ") are dropped when every line has one; the type
+       must be one word.
 
     A blank answer is "no entities" and not a failure.
     """
@@ -186,7 +187,7 @@ def _parse_tags(body: str) -> ParsedEntities | None:
     items = body.split()
     matches = [_TAG_ITEM_RE.fullmatch(item.rstrip(",;")) for item in items]
     good = [m for m in matches if m is not None]
-    if not any(m.group(2) != "O" and m.group(2)[1] == "-" for m in good) or 2 * len(good) < len(items):
+    if len(good) < len(items) and (2 * len(good) < len(items) or all(m.group(2) == "O" for m in good)):
         return None
     out: list[Entity] = []
     span: list[str] = []
@@ -215,11 +216,11 @@ def _parse_tags(body: str) -> ParsedEntities | None:
 
 def _parse_lines(body: str) -> ParsedEntities:
     out, failed = [], False
-    for line in body.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        line = _BULLET_RE.sub("", line, count=1) if _BULLET_RE.match(line) else line
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    # Strip list markers only when every line has one (a real list), so "3. Liga: ORG" alone survives.
+    if all(_BULLET_RE.match(line) for line in lines):
+        lines = [_BULLET_RE.sub("", line, count=1) for line in lines]
+    for line in lines:
         span, colon, kind = line.rpartition(":")
         entity = _make(span, kind) if colon else None
         if entity is None:
@@ -303,7 +304,8 @@ def entity_scores(gold: Sequence[str | Iterable[Entity]], predicted: Sequence[st
       claimed: a perfect answer) and 0.0 otherwise (sklearn's ``zero_division=0`` in that case).
     - per type: the same restricted to one type; macro-F1 = mean per-type F1 over the types seen in gold
       *or* predictions (as sklearn/seqeval do), so an invented type counts as a zero.
-    - exact match: fraction of examples whose predicted multiset equals the gold multiset.
+    - exact match: fraction of examples whose predicted multiset equals the gold multiset and whose
+      answer parsed cleanly (garbage for a no-entity gold is not a match).
     - parse-failure rate: fraction of examples whose answer had unreadable parts (``ParsedEntities.failed``).
     - hallucination rate: predicted entities whose span does not occur (``in_text``) in the example's
       input, over all predicted entities.
@@ -327,7 +329,7 @@ def entity_scores(gold: Sequence[str | Iterable[Entity]], predicted: Sequence[st
             gold_by_type[kind] += count
         for (_, kind), count in pc.items():
             pred_by_type[kind] += count
-        exact += gc == pc
+        exact += gc == pc and not failed
         failures += failed
         if inputs is not None:
             hallucinated += sum(not in_text(span, inputs[i]) for span, _ in p)
@@ -389,7 +391,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, di
     """Mean per-example ROUGE-1/2/L precision, recall, F1 (Lin 2004) via rouge-score.
 
     Scores are computed per (prediction, reference) pair with ``UnicodeWordTokenizer`` and averaged
-    (rouge-score's usual way; its own "BootstrapAggregator" gives the same mean). ROUGE-L is the
+    with equal weight per example (no bootstrap resampling). ROUGE-L is the
     sentence-level LCS variant (``rougeL``), not the summary-level ``rougeLsum``. A pair where both texts
     have no words (e.g. gold and prediction both "no entities") scores 1.0, where rouge-score would say 0:
     identical empty answers are correct, and averaging in zeros would punish the model for them.

@@ -1,0 +1,212 @@
+"""Human-readable output of an evaluation: the console table, report.md, and PNG plots.
+
+Everything reads the plain ``metrics.json`` dict that ``finetune.evaluate`` writes, so a report can be
+rebuilt from the files alone. Plots need matplotlib (the ``plot`` extra); without it they are skipped
+with a warning instead of failing an evaluation that has already done the expensive part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------
+# the console table
+
+
+def _pct(x: float | None) -> str:
+    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.2f}"
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, fmt)
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The evaluation summary as a fixed-width text table (percentages for rates and scores)."""
+    e, r, b, t = m["entities"], m["rouge"], m["bleu"], m["timing"]
+    lines = [
+        f"eval of {m.get('adapter') or 'the base model (no adapter)'} on {m['split']} "
+        f"({m['n_examples']} examples)",
+        "",
+        "entities (strict, multiset of (span, TYPE))      %",
+        f"  micro precision                        {_pct(e['precision'])}",
+        f"  micro recall                           {_pct(e['recall'])}",
+        f"  micro F1                               {_pct(e['f1'])}",
+        f"  macro F1                               {_pct(e['macro_f1'])}",
+        f"  exact match                            {_pct(e['exact_match'])}",
+        f"  parse failures                         {_pct(e['parse_failure_rate'])}",
+        f"  hallucinated spans                     {_pct(e['hallucination_rate'])}",
+        f"  gold / predicted / correct entities    {e['n_gold']} / {e['n_predicted']} / {e['n_correct']}",
+    ]
+    if e["per_type"]:
+        lines += ["", "  type                    P       R      F1  support  predicted"]
+        for kind, s in e["per_type"].items():
+            lines.append(f"  {kind[:20]:<20} {_pct(s['precision'])}  {_pct(s['recall'])}  {_pct(s['f1'])}"
+                         f"  {s['support']:>7}  {s['predicted']:>9}")
+    lines += ["", "text overlap              P       R      F1"]
+    for kind, label in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")):
+        s = r[kind]
+        lines.append(f"  {label:<20} {_pct(s['precision'])}  {_pct(s['recall'])}  {_pct(s['f1'])}")
+    lines.append(f"  BLEU (sacrebleu)     {b['bleu']:6.2f}")
+    loss = m.get("loss") or {}
+    lines += ["", f"eval loss {_num(loss.get('eval_loss'))}  perplexity {_num(loss.get('perplexity'), '.3f')}"
+                  f"  ({loss.get('tokens', 0)} response tokens)"]
+    lines.append(f"generation {t['generate_s']:.2f} s total, {1000 * t['per_example_s']:.1f} ms/example, "
+                 f"{t['generated_tokens']} tokens, {t['tokens_per_s']:.1f} tokens/s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None (with a warning) if missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plots (pip install 'qlora-llama[plot]')", stacklevel=3)
+        return None
+    return plt
+
+
+def plot_per_type_f1(per_type: dict[str, dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Horizontal bars of F1 per entity type, labelled with support; None when nothing to plot."""
+    if not per_type:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    kinds = list(per_type)
+    f1s = [100 * per_type[k]["f1"] for k in kinds]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(kinds) + 1.2))
+    bars = ax.barh(kinds, f1s, color="#4c72b0")
+    for bar, k in zip(bars, kinds):
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2,
+                f"{bar.get_width():.1f} (n={per_type[k]['support']})", va="center", fontsize=8)
+    ax.set_xlim(0, 115)
+    ax.invert_yaxis()
+    ax.set_xlabel("F1 (%)")
+    ax.set_title("Entity F1 per type")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; unreadable lines (a line cut by a crash) are skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def plot_training_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Train/eval loss, learning rate, grad norm and throughput against the optimizer step.
+
+    ``records`` are metrics.jsonl lines (``step`` plus any of ``loss``, ``eval_loss``, ``lr``,
+    ``grad_norm``, ``tokens_per_s``); panels without data are left out. None if nothing to plot.
+    """
+    panels = [("loss", ["loss", "eval_loss"]), ("learning rate", ["lr"]), ("grad norm", ["grad_norm"]),
+              ("tokens/s", ["tokens_per_s"])]
+    series = {}
+    for _, keys in panels:
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+            if points:
+                series[key] = points
+    panels = [(title, [k for k in keys if k in series]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            xs, ys = zip(*series[key])
+            ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, markersize=3, label=key)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.suptitle("Training curves")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | os.PathLike) -> Path:  # noqa: ANN001 -- matplotlib objects
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# report.md
+
+
+def write_report(m: dict[str, Any], out_dir: str | os.PathLike, plots: Sequence[str | os.PathLike] = (),
+                 samples: Sequence[dict[str, Any]] = ()) -> Path:
+    """Write ``report.md`` in ``out_dir``: the summary table, settings, plots and sample answers.
+
+    ``samples`` are predictions.jsonl records (``input``, ``gold``, ``prediction``) shown verbatim, so a
+    reader sees what the numbers are made of.
+    """
+    out_dir = Path(out_dir)
+    e = m["entities"]
+    lines = ["# Evaluation report", "",
+             f"- model: `{m['model']}`", f"- adapter: `{m.get('adapter') or 'none (base model)'}`",
+             f"- split: {m['split']}, {m['n_examples']} examples"
+             + (f" ({m['skipped']} rows skipped: too long for data.max_length)" if m.get("skipped") else ""),
+             f"- generation: greedy, max_new_tokens={m['generation']['max_new_tokens']}, "
+             f"batch_size={m['generation']['batch_size']}, stop_at_eos={m['generation']['stop_at_eos']}",
+             f"- device: {m.get('device', '?')}", "", "## Summary", "", "```", format_table(m), "```", ""]
+    if e["per_type"]:
+        lines += ["## Per type", "", "| type | precision | recall | F1 | support | predicted |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for kind, s in e["per_type"].items():
+            lines.append(f"| {kind} | {100 * s['precision']:.2f} | {100 * s['recall']:.2f} | "
+                         f"{100 * s['f1']:.2f} | {s['support']} | {s['predicted']} |")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{Path(p).stem}]({Path(p).relative_to(out_dir).as_posix()})" for p in plots]
+        lines.append("")
+    if samples:
+        lines += ["## Sample answers", ""]
+        for i, rec in enumerate(samples, 1):
+            lines += [f"### {i}", "", "input:", "```", _fence_safe(rec["input"]), "```", "gold:", "```",
+                      _fence_safe(rec["gold"]), "```", "prediction:", "```", _fence_safe(rec["prediction"]),
+                      "```", ""]
+    lines += ["Definitions: strict micro P/R/F1 over the multiset of normalised (span, TYPE) pairs; macro F1 "
+              "over the types seen in gold or predictions; a hallucinated span is a predicted span not found "
+              "in the input; ROUGE on Unicode words (rouge-score with a Unicode tokenizer), corpus BLEU by "
+              "sacrebleu; eval loss is the token-weighted mean NLL of the response tokens (as in training).",
+              ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _fence_safe(text: str) -> str:
+    return text.replace("```", "`\u200b``")
