@@ -1,0 +1,122 @@
+"""Compose the model a run trains or evaluates: llama loader -> (4-bit quant hook) -> LoRA (or full training).
+
+This is the only place where the three packages meet; `train.py` and `eval.py` both call `load_model`.
+Dtypes: on CUDA the frozen base computes in ``model.dtype`` (bf16 by default); on CPU everything is
+fp32 (bf16 matmuls on CPU are slow and fp32 keeps the tests exact). Full training (LoRA off) keeps
+fp32 master weights even on CUDA, so AdamW's small updates are not rounded away; autocast supplies the
+bf16 compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.config import RunConfig
+from finetune.errors import UserError
+
+Log = Callable[[str], None]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; an explicit cuda without a GPU is a user error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device is {spec!r} but no CUDA device is visible; set model.device: auto "
+                        "or cpu")
+    return torch.device(spec)
+
+
+def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else getattr(torch, cfg.model.dtype)
+
+
+def quant_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
+    """The run config's quant section as a ``quant.QuantConfig`` (imports bitsandbytes)."""
+    import quant
+
+    q = cfg.quant
+    return quant.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize,
+                             compute_dtype=dtype, skip=tuple(q.skip))
+
+
+def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = print) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) as the config says; for training with LoRA injected (or all weights trainable).
+
+    ``for_training=False`` loads the base only (no LoRA, everything frozen, eval mode): the evaluator
+    then attaches a saved adapter with ``lora.load_adapter``. ``log`` receives the memory report and the
+    trainable-parameter count (None = silent; distributed ranks other than 0 pass None).
+    """
+    import llama
+    import lora
+
+    log = log or (lambda _msg: None)
+    device = resolve_device(cfg.model.device)
+    dtype = compute_dtype(cfg, device)
+    full_training = for_training and not cfg.lora.enabled
+    weight_dtype = torch.float32 if full_training else dtype
+    quantized = cfg.quant.enabled or cfg.model.prequantized is not None
+    if quantized and full_training:
+        raise UserError("4-bit base weights cannot be trained: with lora.enabled false set quant.enabled "
+                        "false (and model.prequantized null)")
+    tok = llama.Tokenizer.from_pretrained(cfg.model.path)  # first: cheap, and fails before a 7B load
+    if cfg.model.prequantized is not None:
+        import quant
+
+        with torch.device("meta"):
+            skeleton = llama.Llama(llama.LlamaConfig.from_hf(cfg.model.path))
+        model = quant.load_quantized(skeleton, cfg.model.prequantized, quant_config(cfg, dtype), device)
+        model = model if isinstance(model, nn.Module) else skeleton
+        model.model.rotary_emb.reset(device)  # the fp32 RoPE table, whatever the file stored
+    else:
+        hook = None
+        if cfg.quant.enabled:
+            import quant
+
+            hook = quant.make_hook(quant_config(cfg, dtype))
+        model = llama.from_pretrained(cfg.model.path, device=device, dtype=weight_dtype, linear_hook=hook)
+
+    if for_training:
+        if cfg.lora.enabled:
+            lo = cfg.lora
+            stats = lora.inject(model, targets=lo.targets, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
+                                use_rslora=lo.use_rslora)
+            log(f"lora: {stats}")
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        model.train()
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+    if quantized:
+        import quant
+
+        log(f"memory: {quant.memory_report(model)}")
+    else:
+        log(f"memory: {_plain_memory_report(model)}")
+    trainable, total = lora.count_parameters(model)
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
+        f"on {device}, compute {str(dtype).removeprefix('torch.')}")
+    return model, tok
+
+
+def _plain_memory_report(model: nn.Module) -> str:
+    """Bytes of the weights by dtype (the quant package's report covers the 4-bit case)."""
+    by_dtype: dict[str, int] = {}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = str(p.dtype).removeprefix("torch.")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    parts = ", ".join(f"{n / 2**20:.1f} MiB {k}" for k, n in sorted(by_dtype.items()))
+    return f"weights {parts} (no quantisation)"

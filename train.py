@@ -1,0 +1,67 @@
+"""Fine-tune a Llama-family model with QLoRA (or LoRA, or full training for small models).
+
+    python train.py CONFIG.yaml [--set section.key=value ...] [--resume] [--no-progress]
+    torchrun --nproc_per_node N train.py CONFIG.yaml ...      # DistributedDataParallel, N ranks
+
+Writes <train.output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/, plots/loss.png}.
+Exit codes: 0 done; 2 a mistake the user can fix (one ``error:`` line on stderr, no traceback: bad
+config or data, a run dir that would be overwritten, a diverged loss); 130/143 stopped by
+SIGINT/SIGTERM after saving a checkpoint (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+OUR_PACKAGES = ("finetune", "llama", "lora", "quant")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="run config YAML, e.g. configs/llama2.yaml")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set train.lr=1e-4 lora.r=8")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in train.output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def is_user_error(err: BaseException) -> bool:
+    """UserError, or a ValueError subclass from one of our packages (llama.LoadError, lora.LoRAError, ...)."""
+    from finetune.errors import UserError
+
+    if isinstance(err, UserError):
+        return True
+    cls = type(err)
+    ours = cls.__module__.split(".")[0] in OUR_PACKAGES
+    return isinstance(err, ValueError) and cls is not ValueError and ours
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from finetune.config import load_config
+        from finetune.loop import train
+
+        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+        cfg = load_config(args.config, overrides=overrides)
+        result = train(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:  # before the loop's own handler is installed (loading, tokenising)
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    if result.interrupted is not None:
+        return 128 + result.interrupted
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
