@@ -126,7 +126,7 @@ def window_backward(forward: Callable[..., torch.Tensor], lm_head: nn.Module,
     tokens = 0
     for i, batch in enumerate(batches):
         ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
+        mask = device_mask(batch["attention_mask"], device)
         labels = batch["labels"].to(device, non_blocking=True)
         tokens += int(batch["attention_mask"].sum())
         sync = ddp is None or i == len(batches) - 1
@@ -138,6 +138,15 @@ def window_backward(forward: Callable[..., torch.Tensor], lm_head: nn.Module,
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
     return WindowStats(loss_sum=loss_sum, target_tokens=n_global, tokens=tokens)
+
+
+def device_mask(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The attention mask on ``device``, or None when the batch has no padding.
+
+    Any mask rules out SDPA's flash kernel (and native GQA), so an unpadded batch (micro-batch 1,
+    or equal lengths) runs without one. Checked on the CPU tensor from the collator: no device sync.
+    """
+    return None if bool(mask.all()) else mask.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -156,7 +165,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
         for first in range(0, len(mine), batch_size):
             batch = collate(mine[first:first + batch_size], pad_id)
             with amp() if amp is not None else contextlib.nullcontext():
-                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                ids, mask = batch["input_ids"].to(device), device_mask(batch["attention_mask"], device)
                 hidden = model(ids, attention_mask=mask, hidden_only=True)
                 part, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"].to(device), ce_chunk_size)
             total[0] += part.double()

@@ -317,3 +317,22 @@ def test_qlora_on_cpu_streams_4bit_and_prequantized_is_identical(tiny_model_dir,
     train(config_from_dict(base), progress=False)
     dense = train_losses(tmp_path / "fp32")
     assert dense[0][1] != streamed[0][1] and abs(dense[0][1] - streamed[0][1]) < 0.05
+
+
+def test_unpadded_batches_run_without_a_mask_and_give_the_same_loss(tiny_model_dir):
+    """device_mask drops an all-ones mask (so SDPA may use flash/GQA kernels); the loss is unchanged."""
+    import llama
+    from finetune.loop import chunked_ce_sum, device_mask
+
+    full = torch.ones(2, 6, dtype=torch.long)
+    padded = full.clone()
+    padded[1, 4:] = 0
+    assert device_mask(full, torch.device("cpu")) is None
+    assert torch.equal(device_mask(padded, torch.device("cpu")), padded)
+    model = llama.from_pretrained(tiny_model_dir)
+    ids = torch.randint(3, 500, (2, 6))
+    labels = ids.clone()
+    with torch.no_grad():
+        a, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=full, hidden_only=True), labels, 4)
+        b, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=None, hidden_only=True), labels, 4)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
