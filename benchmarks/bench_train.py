@@ -1,0 +1,660 @@
+"""Tokens/s and peak memory of one QLoRA training step: ours, and (optionally) HF + PEFT + bitsandbytes.
+
+    python benchmarks/bench_train.py                          # Llama-2-7B shape, random weights, CUDA
+    python benchmarks/bench_train.py --compare-hf             # + the same step in transformers/peft/bnb
+    python benchmarks/bench_train.py --layers 4               # a 4-layer slice of the 7B shape
+    python benchmarks/bench_train.py --checkpoint /models/Llama-2-7b-hf --compare-hf
+    python benchmarks/bench_train.py --preset cpu-tiny --compare-hf   # seconds on a CPU (smoke test)
+
+One step is what finetune/loop.py does for one micro-batch: autocast forward to the final hidden
+states, the loop's own chunked cross-entropy and backward (`finetune.loop.window_backward`), grad
+clipping, AdamW on the LoRA weights. The base is NF4 with double quantisation (quant), LoRA r=16 on
+q/k/v/o (lora), bf16 compute on CUDA and fp32 on CPU, non-reentrant gradient checkpointing on/off.
+
+Random weights (no --checkpoint) are drawn directly on the device, tensor by tensor, and each linear
+is quantised as soon as it exists, so the 7B shape needs neither a file nor a dense copy of the model.
+With --compare-hf the same random tensors are written once as an HF checkpoint in a temporary folder
+so both sides load identical weights through their production loaders (ours: llama.from_pretrained
+with the quant hook; HF: from_pretrained with BitsAndBytesConfig), and a parity line shows both
+compute the same loss before training.
+
+Peak memory: torch.cuda.max_memory_allocated on CUDA (weights + activations + optimizer, reset per
+configuration); on CPU the process's peak resident set (VmHWM, reset per configuration where Linux
+allows it), which includes the interpreter and libraries and is only a rough indicator.
+Targets (H100, Llama-2-7B, see benchmarks/README.md): ours >= 2.5x HF tokens/s at 4x512 with
+checkpointing; <= 5 GiB peak at 1x2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import llama  # noqa: E402
+import lora  # noqa: E402
+import quant  # noqa: E402
+
+# HF config.json fields (transformers-4.x shape, as published checkpoints have them).
+_COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+               tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=1,
+               eos_token_id=2, pad_token_id=None, hidden_act="silu", initializer_range=0.02,
+               architectures=["LlamaForCausalLM"], model_type="llama")
+SHAPES: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-2-7b-hf
+    "7b": dict(_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32),
+    # the same architecture, small enough for seconds on a CPU
+    "tiny": dict(_COMMON, vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": dict(shape="tiny", device="cpu", shapes="1x64,2x128", warmup=1, steps=2),
+}
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------------
+# environment, timing, memory (bench_generate.py imports these)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {spec} but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def compute_dtype(device: torch.device, name: str | None) -> torch.dtype:
+    """bf16 on CUDA and fp32 on CPU (as the loop does), unless --dtype says otherwise."""
+    if name:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on (printed, and stored in --json)."""
+    info: dict[str, Any] = {
+        "machine": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "omp_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "bitsandbytes": _version("bitsandbytes"),
+        "transformers": _version("transformers"), "peft": _version("peft"), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name} ({props.total_memory / GiB:.1f} GiB)"
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def print_env(info: dict[str, Any]) -> None:
+    print(" | ".join(f"{k} {v}" for k, v in info.items()))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory since the last `reset()`: CUDA allocator peak, or the process's peak RSS on CPU.
+
+    On Linux, writing "5" to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to the
+    current RSS, so each configuration gets its own CPU peak; elsewhere it is the process lifetime's.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+    def now(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        with contextlib.suppress(OSError):
+            return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+        return 0
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# models: random weights, HF checkpoint writer, our loader, HF's loader
+
+
+def model_config(shape: str, layers: int | None, dtype: torch.dtype) -> dict[str, Any]:
+    cfg = dict(SHAPES[shape], torch_dtype=str(dtype).removeprefix("torch."))
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+def random_tensors(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a Llama checkpoint with this config, N(0, 0.02) (norms 1), one at a time.
+
+    Drawn on `device` in fp32 and cast, so a given (seed, device type) always yields the same weights;
+    both the direct builder and the HF checkpoint writer use this, in the same order.
+    """
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(dtype)
+
+    yield "model.embed_tokens.weight", rand(v, h)
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)),
+                            ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, h)),
+                            ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)), ("mlp.down_proj", (h, i))):
+            yield p + name + ".weight", rand(*shape)
+        yield p + "input_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
+        yield p + "post_attention_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
+    yield "model.norm.weight", torch.ones(h, device=device, dtype=dtype)
+    yield "lm_head.weight", rand(v, h)
+
+
+def build_random(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Our 4-bit Llama with random weights made on `device`; each linear is quantised as it appears.
+
+    Mirrors what llama.from_pretrained does with the quant hook (meta skeleton, fill, hook per
+    linear), minus the file, so a 7B shape costs the 4-bit model plus one dense linear.
+    """
+    with torch.device("meta"):
+        model = llama.Llama(llama.LlamaConfig.from_hf(cfg))
+    hook = quant.make_hook(quant.QuantConfig(compute_dtype=dtype))
+    for name, t in random_tensors(cfg, device, dtype, seed):
+        path, attr = name.rsplit(".", 1)
+        module = model.get_submodule(path)
+        setattr(module, attr, nn.Parameter(t, requires_grad=False))
+        if isinstance(module, nn.Linear):
+            new = hook(path, module)
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        del t, module
+    model.model.rotary_emb.reset(device)
+    return model.eval()
+
+
+def write_hf_checkpoint(cfg: dict[str, Any], out: Path, device: torch.device, dtype: torch.dtype,
+                        seed: int = 0) -> Path:
+    """The tensors of `random_tensors` as an HF checkpoint: one safetensors shard per layer + index."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    total, n_files = 0, 0
+
+    def flush() -> None:
+        nonlocal total, n_files
+        n_files += 1
+        file = f"model-{n_files:05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        shard.clear()
+
+    for name, t in random_tensors(cfg, device, dtype, seed):
+        shard[name] = t.cpu()
+        if name.endswith("post_attention_layernorm.weight") or name == "model.embed_tokens.weight":
+            flush()  # one shard per decoder layer (and one for the embedding), as published checkpoints
+    flush()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def load_ours(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The production path: stream the HF checkpoint, quantise each linear as it arrives."""
+    return llama.from_pretrained(path, device=device, dtype=dtype, linear_hook=quant.nf4(compute_dtype=dtype))
+
+
+def hf_bnb_config(dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_hf(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """transformers' LlamaForCausalLM, 4-bit NF4 + double quant through its bitsandbytes integration."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()  # keep the benchmark's output a table
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    where = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}" \
+        if device.type == "cuda" else "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), quantization_config=hf_bnb_config(dtype), device_map={"": where},
+            attn_implementation="sdpa", **{dtype_kw: dtype})
+
+
+def hf_set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Non-reentrant gradient checkpointing on/off (transformers 5 renamed the methods)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if on:
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+    base.config.use_cache = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# the measured step
+
+
+@dataclass
+class Result:
+    impl: str  # ours | hf
+    batch: int
+    seq_len: int
+    grad_ckpt: bool
+    status: str = "ok"  # ok | oom | error: ...
+    tokens_per_s: float = math.nan  # real (non-padding) input tokens per second
+    ms_per_step: float = math.nan
+    peak_bytes: int = 0
+    tokens: int = 0  # real tokens processed in the timed steps
+    loss: float = math.nan  # of the last timed step
+
+    @property
+    def key(self) -> tuple[int, int, bool]:
+        return self.batch, self.seq_len, self.grad_ckpt
+
+
+def make_batch(batch: int, seq_len: int, vocab: int, pad_frac: float, seed: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch as the collator makes it (CPU tensors); labels = inputs, -100 on padding.
+
+    Row 0 always has the full length; with pad_frac > 0 the other rows keep a random
+    (1 - pad_frac) .. 1 fraction of their tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if pad_frac > 0:
+        low = max(2, int(seq_len * (1 - pad_frac)))
+        for r in range(1, batch):
+            mask[r, int(torch.randint(low, seq_len + 1, (1,), generator=gen)):] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.type == "cuda" and dtype != torch.float32:
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+def optimizer_for(params: list[nn.Parameter], device: torch.device, lr: float) -> torch.optim.Optimizer:
+    """The loop's default optimizer (finetune.loop.make_optimizer: AdamW, fused on CUDA)."""
+    from finetune.config import TrainConfig
+    from finetune.loop import make_optimizer
+
+    return make_optimizer(params, TrainConfig(lr=lr), device)
+
+
+def ours_step_fn(model: nn.Module, device: torch.device, amp: Callable, ce_chunk: int,
+                 opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> Callable[[dict], torch.Tensor]:
+    from finetune.loop import window_backward
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ws = window_backward(model, model.lm_head, [batch], ce_chunk, device, amp)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ws.loss_sum / max(ws.target_tokens, 1)
+
+    return step
+
+
+def hf_step_fn(model: nn.Module, device: torch.device, amp: Callable, opt: torch.optim.Optimizer,
+               params: list[nn.Parameter]) -> Callable[[dict], torch.Tensor]:
+    """What HF's Trainer does per micro-batch: model(..., labels=) (mean CE), backward, clip, AdamW."""
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with amp():
+            loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def measure(impl: str, step: Callable[[dict], torch.Tensor], batch: dict[str, torch.Tensor], grad_ckpt: bool,
+            warmup: int, steps: int, device: torch.device, mem: PeakMemory) -> Result:
+    B, T = batch["input_ids"].shape
+    res = Result(impl, B, T, grad_ckpt)
+    mem.reset()
+    try:
+        for _ in range(warmup):
+            step(batch)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step(batch)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        res.status = "oom"
+        return res
+    except RuntimeError as e:  # e.g. a kernel that does not exist for this dtype/device
+        res.status = f"error: {str(e).splitlines()[0][:120]}"
+        return res
+    finally:
+        res.peak_bytes = mem.peak()
+    res.tokens = int(batch["attention_mask"].sum()) * steps
+    res.tokens_per_s = res.tokens / seconds
+    res.ms_per_step = seconds / steps * 1e3
+    res.loss = float(loss)
+    return res
+
+
+def parity_loss(impl: str, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                amp: Callable) -> float:
+    """Mean next-token CE of `batch` at LoRA init (B = 0, so the base model's loss), no grad."""
+    from finetune.loop import chunked_ce_sum, device_mask
+
+    with torch.no_grad(), amp():
+        ids = batch["input_ids"].to(device)
+        if impl == "hf":
+            return float(model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+                               labels=batch["labels"].to(device)).loss)
+        hidden = model(ids, attention_mask=device_mask(batch["attention_mask"], device), hidden_only=True)
+        total, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"].to(device), 1024)
+        return float(total) / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        out = [tuple(int(n) for n in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        out = []
+    if not out or any(len(s) != 2 or min(s) < 1 for s in out):
+        sys.exit(f"error: --shapes {text!r} is not a list of BATCHxSEQ like 1x128,4x512")
+    return out  # type: ignore[return-value]
+
+
+def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict],
+                 compare_help: str) -> argparse.Namespace:
+    """The options both benchmark scripts share, then parse with `--preset`'s values as defaults."""
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--compare-hf", action="store_true", help=compare_help)
+    ap.add_argument("--tmp-dir", type=Path, default=None,
+                    help="where --compare-hf writes the random HF checkpoint (7B: ~13 GiB; deleted after)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write environment + results here")
+    first, _ = ap.parse_known_args(argv)
+    if first.preset:
+        ap.set_defaults(**presets[first.preset])
+    return ap.parse_args(argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="defaults for a quick run (flags still override)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="model shape of the random weights")
+    ap.add_argument("--layers", type=int, default=None, help="cut the shape to N decoder layers")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="a real HF Llama dir (safetensors) instead of random weights")
+    ap.add_argument("--shapes", default="1x128,4x512,1x2048", help="micro-batch x sequence length list")
+    ap.add_argument("--grad-ckpt", default="on,off", help="gradient checkpointing modes to run: on,off")
+    ap.add_argument("--pad-frac", type=float, default=0.0,
+                    help="rows after the first keep a random (1-F)..1 of their tokens (0 = no padding)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--ce-chunk-size", type=int, default=1024, help="the loop's train.ce_chunk_size")
+    args = parse_common(ap, argv, PRESETS, "also run transformers + peft + bitsandbytes on the same weights")
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if not set(args.grad_ckpt.replace(" ", "").split(",")) <= {"on", "off"}:
+        ap.error(f"--grad-ckpt {args.grad_ckpt!r}: use on, off or on,off")
+    return args
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def print_row(r: Result) -> None:
+    shape = f"{r.batch}x{r.seq_len}"
+    if r.status != "ok":
+        print(f"{r.impl:<5} {shape:>7} ckpt={'on ' if r.grad_ckpt else 'off'}  {r.status}"
+              f"  (peak {fmt_bytes(r.peak_bytes)})", flush=True)
+        return
+    print(f"{r.impl:<5} {shape:>7} ckpt={'on ' if r.grad_ckpt else 'off'} {r.tokens_per_s:>10.0f} tok/s "
+          f"{r.ms_per_step:>9.1f} ms/step  peak {fmt_bytes(r.peak_bytes):>10}  loss {r.loss:.4f}", flush=True)
+
+
+def run_impl(impl: str, model: nn.Module, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+             vocab: int, mem: PeakMemory) -> tuple[list[Result], float]:
+    """LoRA on the model, then every (checkpointing, shape) configuration; returns rows + parity loss."""
+    amp = autocast_for(device, dtype)
+    shapes, modes = parse_shapes(args.shapes), [m.strip() == "on" for m in args.grad_ckpt.split(",")]
+    torch.manual_seed(args.seed)
+    if impl == "ours":
+        stats = lora.inject(model, targets=LORA_TARGETS, r=args.r, alpha=args.alpha,
+                            dropout=args.lora_dropout)
+        print(f"ours: {stats}; {quant.memory_report(model)}")
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            # peft's QLoRA recipe: upcast the dense (non-4-bit) weights to fp32, checkpointing on
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            lc = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
+                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lc)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"hf: peft LoRA, trainable params {trainable:,}")
+    parity = parity_loss(impl, model, make_batch(2, min(64, shapes[0][1]), vocab, 0.0, args.seed + 1), device,
+                         amp)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer_for(params, device, args.lr)
+    step = (ours_step_fn(model, device, amp, args.ce_chunk_size, opt, params) if impl == "ours"
+            else hf_step_fn(model, device, amp, opt, params))
+    rows = []
+    for on in modes:
+        if impl == "ours":
+            model.gradient_checkpointing = on
+        else:
+            hf_set_checkpointing(model, on)
+        for B, T in shapes:
+            batch = make_batch(B, T, vocab, args.pad_frac, args.seed + B * 100003 + T)
+            row = measure(impl, step, batch, on, args.warmup, args.steps, device, mem)
+            print_row(row)
+            rows.append(row)
+            free(device)
+    del opt, step, params
+    return rows, parity
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = compute_dtype(device, args.dtype)
+    info = env_info(device)
+    print_env(info)
+    mem = PeakMemory(device)
+    tmp: Path | None = None
+    path = args.checkpoint
+    if path is None:
+        cfg = model_config(args.shape, args.layers, dtype)
+        if args.compare_hf:
+            tmp = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.tmp_dir))
+            t0 = time.perf_counter()
+            path = write_hf_checkpoint(cfg, tmp / "model", device, dtype, args.seed)
+            print(f"wrote random {args.shape} weights ({cfg['num_hidden_layers']} layers) to {path} "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    else:
+        cfg = json.loads((path / "config.json").read_text())
+        if args.layers is not None:
+            print("note: --layers is ignored with --checkpoint")
+    print(f"model: hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, heads "
+          f"{cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, intermediate "
+          f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}; NF4+DQ base, LoRA r={args.r} on "
+          f"{','.join(LORA_TARGETS)}, compute {str(dtype).removeprefix('torch.')}, {args.warmup} warmup + "
+          f"{args.steps} timed steps; peak = {mem.kind}")
+    results: list[Result] = []
+    parity: dict[str, float] = {}
+    try:
+        mem.reset()
+        t0 = time.perf_counter()
+        if path is None:
+            model = build_random(cfg, device, dtype, args.seed)
+        else:
+            model = load_ours(path, device, dtype)
+        sync(device)
+        print(f"ours: model ready in {time.perf_counter() - t0:.1f} s, {fmt_bytes(mem.now())} now "
+              f"(peak while loading {fmt_bytes(mem.peak())})")
+        rows, parity["ours"] = run_impl("ours", model, args, device, dtype, cfg["vocab_size"], mem)
+        results += rows
+        del model
+        free(device)
+        if args.compare_hf:
+            mem.reset()
+            t0 = time.perf_counter()
+            model = load_hf(path, device, dtype)
+            sync(device)
+            print(f"hf: model ready in {time.perf_counter() - t0:.1f} s, {fmt_bytes(mem.now())} now")
+            rows, parity["hf"] = run_impl("hf", model, args, device, dtype, cfg["vocab_size"], mem)
+            results += rows
+            del model
+            free(device)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {"parity_loss": parity, **summarise(results, parity, device)}
+    write_json(args, info, cfg, results, summary)
+    return {"results": results, **summary}
+
+
+def write_json(args: argparse.Namespace, info: dict, cfg: dict, results: list, summary: dict) -> None:
+    """`--json FILE`: environment, arguments, model shape, every result row and the summary."""
+    if args.json is None:
+        return
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"env": info, "args": {k: str(v) for k, v in vars(args).items()},
+                                     "model": cfg, "results": [asdict(r) for r in results], **summary},
+                                    indent=2))
+
+
+def summarise(results: list[Result], parity: dict[str, float], device: torch.device) -> dict[str, Any]:
+    """Ratios ours/HF per configuration and the two target checks (meaningful on an H100 at 7B only)."""
+    ours = {r.key: r for r in results if r.impl == "ours"}
+    hf = {r.key: r for r in results if r.impl == "hf"}
+    ratios = {}
+    if "hf" in parity:
+        print(f"parity (base-model loss at LoRA init, same batch): ours {parity['ours']:.5f}  hf "
+              f"{parity['hf']:.5f}  diff {abs(parity['ours'] - parity['hf']):.2e}")
+    for key, r in ours.items():
+        h = hf.get(key)
+        if h is not None and r.status == h.status == "ok":
+            ratios[f"{key[0]}x{key[1]} ckpt={'on' if key[2] else 'off'}"] = r.tokens_per_s / h.tokens_per_s
+    for name, ratio in ratios.items():
+        print(f"speed ratio ours/hf {name:<20} {ratio:6.2f}x")
+    where = "" if device.type == "cuda" else " (CPU: not the GPU target's conditions)"
+    checks = {}
+    if "4x512 ckpt=on" in ratios:
+        checks["speed_4x512_ckpt_ratio"] = ratios["4x512 ckpt=on"]
+        print(f"target ours >= 2.5x hf at 4x512 ckpt=on: {ratios['4x512 ckpt=on']:.2f}x{where}")
+    big = ours.get((1, 2048, True))
+    if big is not None and big.status == "ok":
+        checks["peak_1x2048_ckpt_gib"] = big.peak_bytes / GiB
+        print(f"target peak <= 5 GiB at 1x2048 ckpt=on: {big.peak_bytes / GiB:.2f} GiB{where}")
+    return {"ratios": ratios, "targets": checks}
+
+
+if __name__ == "__main__":
+    main()
