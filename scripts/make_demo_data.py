@@ -721,6 +721,121 @@ def generate(n: int, seed: int) -> list[Email]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# threads: the pretraining corpus also holds replies that quote and re-mention earlier emails
+
+# A bottom- or top-posted reply names again what the quoted email said. Real mail is full of such
+# repetition, and it is what teaches a language model to copy a span it has read earlier in the
+# context (the "induction heads" of Olsson et al., 2022). Without it the demo base could not copy a
+# name at all (measured: 0% top-1 on a repeated random sequence) and no LoRA run could teach it the
+# extraction task in minutes. Replies carry no labels: they are plain text like any other email.
+REPLY_MENTIONS = {
+    "PER": ["Ho girato la richiesta a {x}.", "Ho sentito {x} e per noi va bene.",
+            "Potete mettere in copia anche {x}?", "Ne parlo con {x} e vi faccio sapere."],
+    "ORG": ["Ho aggiornato la scheda di {x}.", "Ne ho parlato con i colleghi di {x}.",
+            "Per {x} confermiamo le condizioni.", "Il referente di {x} è stato avvisato."],
+    "LOC": ["Per noi {x} va benissimo.", "Quindi la sede è {x}, giusto?", "Confermo la tappa di {x}."],
+    "DATE": ["Segno in agenda: {x}.", "Confermo la data: {x}.", "Per la scadenza del {x} ci siamo."],
+    "EMAIL": ["Scriverò anche a {x}.", "Ho aggiunto {x} alla rubrica.", "L'indirizzo {x} è corretto."],
+    "PHONE": ["Vi chiamo al {x} in mattinata.", "Il numero {x} risulta occupato, riprovo.",
+              "Ho salvato il numero {x}."],
+    "MONEY": ["L'importo di {x} è corretto.", "Confermo la cifra: {x}.", "Su {x} siamo d'accordo."],
+    "IBAN": ["Ho passato l'IBAN {x} all'amministrazione.", "L'IBAN {x} risulta verificato."],
+    "INVOICE": ["La fattura {x} è stata registrata.", "Ho ritrovato la fattura {x}.",
+                "Sulla fattura {x} non ci sono problemi."],
+}
+REPLY_OPENERS = ["Grazie per la mail.", "Ricevuto, grazie.", "Perfetto, grazie.", "Tutto chiaro.",
+                 "Ho letto con attenzione.", "Grazie del riepilogo."]
+
+
+def reply_text(factory: EmailFactory, original: Email) -> str:
+    """An unlabelled thread around `original`: a reply that re-mentions its entities, and `original`
+    quoted in one of three real-mail layouts: top-posting (reply, then the original as Outlook quotes
+    it), bottom-posting ("> " quote, then the reply), or a conversation export (the original message,
+    then the reply, which quotes it again in full)."""
+    rng, fake = factory.rng, factory.fake
+    people = [span for span, kind in original.entities if kind == "PER"]
+    addresses = [span for span, kind in original.entities if kind == "EMAIL"]
+    writer = f"{fake.first_name()} {fake.last_name()}"
+    author = people[-1] if people else f"{fake.first_name()} {fake.last_name()}"  # usually the signer
+    picked = rng.sample(original.entities, k=min(len(original.entities), rng.randint(2, 4)))
+    lines = [rng.choice(REPLY_MENTIONS[kind]).format(x=span) for span, kind in picked]
+    body = " ".join([rng.choice(REPLY_OPENERS), *lines]) if rng.random() < 0.7 else "\n".join(lines)
+    greeting = rng.choice([f"Gentile {author},", f"Buongiorno {author},", "Buongiorno,", f"Ciao {author},"])
+    reply = f"{greeting}\n{body}\n{rng.choice(CLOSINGS_INFORMAL + CLOSINGS)}\n{writer}"
+    day = dt.date(2024, 1, 1) + dt.timedelta(days=rng.randrange(3 * 365))
+    when = f"{day.day} {MONTHS[day.month - 1]} {day.year}"
+    sender = f"{author} <{addresses[0]}>" if addresses else author
+    outlook = f"-----Messaggio originale-----\nDa: {sender}\nInviato: {when}\nOggetto: R: richiesta\n\n"
+    layout = rng.random()
+    if layout < 0.25:  # top-posting
+        return f"{reply}\n\n{outlook}{original.text}"
+    if layout < 0.5:  # bottom-posting
+        quoted = "\n".join("> " + line if line else ">" for line in original.text.split("\n"))
+        return f"Il {when} {sender} ha scritto:\n{quoted}\n\n{reply}"
+    return (f"Da: {sender}\nData: {when}\n\n{original.text}\n\n"  # conversation export
+            f"Da: {writer}\nData: {when}\n\n{reply}\n\n{outlook}{original.text}")
+
+
+# Lists that a reply walks through again: invoices to pay, contacts to update, participants to
+# confirm. Their codes, numbers and names are the densest copyable text real mail has; a tiny model on
+# a budget of minutes needs that density before it learns to copy at all (see DESIGN-NOTES).
+LIST_KINDS = {
+    "fatture": ("Vi riepilogo le fatture ancora aperte:", "{inv} del {date}, {money}",
+                "Ecco la situazione aggiornata:", "{inv}: {money} pagati il {date2}"),
+    "contatti": ("Ti giro i contatti aggiornati dei fornitori:", "{name} ({org}) - tel. {phone} - {email}",
+                 "Ho aggiornato la rubrica:", "{name}, {org}: {phone}, {email}"),
+    "partecipanti": ("Questi i partecipanti alla riunione del {date}:", "{name}, {org}, sede di {city}",
+                     "Confermati:", "{name} ({org}) da {city}"),
+    "bonifici": ("Di seguito i bonifici da disporre entro il {date}:", "{money} a {org}, IBAN {iban}",
+                 "Bonifici eseguiti:", "{org}: {money} sull'IBAN {iban}"),
+}
+
+
+def list_thread(factory: EmailFactory) -> str:
+    """A list email and a reply that goes through the same items again, in the same order."""
+    rng, fake = factory.rng, factory.fake
+    intro, item, reply_intro, reply_item = LIST_KINDS[rng.choice(sorted(LIST_KINDS))]
+    day = dt.date(2024, 1, 1) + dt.timedelta(days=rng.randrange(3 * 365))
+    date = f"{day.day} {MONTHS[day.month - 1]} {day.year}"
+    rows = []
+    for _ in range(rng.randint(3, 7)):
+        factory.values = {}
+        first, last = fake.first_name(), fake.last_name()
+        org = factory._org_name("org")
+        later = day + dt.timedelta(days=rng.randint(1, 20))
+        rows.append(dict(
+            name=f"{first} {last}", org=org, phone=factory._phone(mobile=rng.random() < 0.4),
+            email=f"{ascii_slug(first)}.{ascii_slug(last)}@{factory._domain(org)}",
+            inv=factory._make("inv")[0][0], money=factory._money("money", ""),
+            iban=factory._make("iban")[0][0],
+            city=rng.choice(BIG_CITIES), date=f"{later.day}/{later.month}/{later.year}",
+            date2=f"{later.day + 1 if later.day < 28 else 1}/{later.month}/{later.year}"))
+    sender, writer = (f"{fake.first_name()} {fake.last_name()}" for _ in range(2))
+    first = "\n".join([rng.choice(["Buongiorno,", "Ciao a tutti,", "Gentili colleghi,"]),
+                       intro.format(date=date), *("- " + item.format(**r) for r in rows),
+                       rng.choice(CLOSINGS), sender])
+    kept = [r for r in rows if rng.random() < 0.85] or rows[:1]
+    items = ("- " + reply_item.format(**r) for r in kept)
+    reply = "\n".join([f"Ciao {sender.split()[0]},", reply_intro, *items,
+                       rng.choice(CLOSINGS_INFORMAL), writer])
+    return f"Da: {sender}\nData: {date}\n\n{first}\n\nDa: {writer}\nData: {date}\n\n{reply}"
+
+
+def generate_unlabelled(n: int, seed: int) -> list[str]:
+    """Pretraining texts: plain emails (30%), replies quoting one (45%), list threads (25%)."""
+    factory = EmailFactory(seed)
+    texts = []
+    for _ in range(n):
+        kind = factory.rng.random()
+        if kind < 0.25:
+            texts.append(list_thread(factory))
+            continue
+        original = factory.email()
+        texts.append(reply_text(factory, original) if kind < 0.7 else original.text)
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
 # files
 
 
@@ -735,9 +850,9 @@ def write_csv(emails: list[Email], path: Path) -> None:
     path.write_bytes(buf.getvalue().encode("utf-8"))
 
 
-def write_jsonl(emails: list[Email], path: Path) -> None:
+def write_jsonl(texts: list[str], path: Path) -> None:
     """One `{"text": ...}` object per line: the loop's text-column mode reads it (data.text_column: text)."""
-    lines = [json.dumps({"text": e.text}, ensure_ascii=False) for e in emails]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
 
@@ -766,7 +881,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{out}: {args.rows} rows, sha256 {sha256(out)}")
     if args.unlabelled_rows:
         out = args.out_dir / "emails_unlabelled.jsonl"
-        write_jsonl(generate(args.unlabelled_rows, args.unlabelled_seed), out)
+        write_jsonl(generate_unlabelled(args.unlabelled_rows, args.unlabelled_seed), out)
         print(f"{out}: {args.unlabelled_rows} texts, sha256 {sha256(out)}")
 
 
