@@ -278,10 +278,25 @@ def hf_bnb_config(dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=dtype)
 
 
+def bnb_reference_cpu_path() -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on their dequantise-then-matmul path (compute dtype as asked).
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.49 repacks a Linear4bit in eval mode and runs a fused
+    bf16 kernel instead: it computes in bf16 whatever the dtype asked for, and rejects output widths
+    that are not a multiple of its tile ("N must be divisible by block_n"). The HF side of a
+    comparison must run the same maths as ours, on every CPU.
+    """
+    import bitsandbytes.nn.modules as bnb_modules
+
+    bnb_modules.has_avx512bf16 = lambda: False
+
+
 def load_hf(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """transformers' LlamaForCausalLM, 4-bit NF4 + double quant through its bitsandbytes integration."""
     import transformers
     from transformers import AutoModelForCausalLM
+
+    bnb_reference_cpu_path()
 
     transformers.utils.logging.disable_progress_bar()  # keep the benchmark's output a table
 

@@ -16,6 +16,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _bnb_reference_cpu_path() -> None:
+    """bitsandbytes' own Linear4bit is an oracle here: keep it on its dequantise-then-matmul path.
+
+    On CPUs with AVX512-BF16 it otherwise repacks eval-mode layers and runs a fused bf16 kernel (bf16
+    results for fp32 inputs, and an error for widths that are not a multiple of its tile), so the
+    reference would change with the CPU model. benchmarks/bench_train.py does the same for its HF side.
+    """
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+    except ImportError:
+        return
+    bnb_modules.has_avx512bf16 = lambda: False
+
+
+_bnb_reference_cpu_path()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -119,10 +119,15 @@ def test_stop_signal_flag_and_second_signal_aborts():
 
     from finetune.loop import StopSignal
 
-    term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with StopSignal() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) is term and signal.getsignal(signal.SIGINT) is intr
+    # A shell's background job starts with SIGINT ignored; give this test Python's usual handler.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        term, intr = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is term and signal.getsignal(signal.SIGINT) is intr
+    finally:
+        signal.signal(signal.SIGINT, outer)
