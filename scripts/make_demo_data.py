@@ -724,10 +724,10 @@ def generate(n: int, seed: int) -> list[Email]:
 # threads: the pretraining corpus also holds replies that quote and re-mention earlier emails
 
 # A bottom- or top-posted reply names again what the quoted email said. Real mail is full of such
-# repetition, and it is what teaches a language model to copy a span it has read earlier in the
-# context (the "induction heads" of Olsson et al., 2022). Without it the demo base could not copy a
-# name at all (measured: 0% top-1 on a repeated random sequence) and no LoRA run could teach it the
-# extraction task in minutes. Replies carry no labels: they are plain text like any other email.
+# repetition, and it is the signal from which a language model can learn to copy a span it has read
+# earlier in the context (the "induction heads" of Olsson et al., 2022), which extraction needs.
+# Measured: within the demo's CPU pretraining budget it is not enough on its own; the base still does
+# not copy (docs/DESIGN-NOTES.md, "The demo"). Replies carry no labels: plain text like any email.
 REPLY_MENTIONS = {
     "PER": ["Ho girato la richiesta a {x}.", "Ho sentito {x} e per noi va bene.",
             "Potete mettere in copia anche {x}?", "Ne parlo con {x} e vi faccio sapere."],
@@ -777,8 +777,7 @@ def reply_text(factory: EmailFactory, original: Email) -> str:
 
 
 # Lists that a reply walks through again: invoices to pay, contacts to update, participants to
-# confirm. Their codes, numbers and names are the densest copyable text real mail has; a tiny model on
-# a budget of minutes needs that density before it learns to copy at all (see DESIGN-NOTES).
+# confirm. Their codes, numbers and names are the densest copyable text real mail has.
 LIST_KINDS = {
     "fatture": ("Vi riepilogo le fatture ancora aperte:", "{inv} del {date}, {money}",
                 "Ecco la situazione aggiornata:", "{inv}: {money} pagati il {date2}"),
