@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from make_demo_data import write_jsonl  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 import llama  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -120,11 +122,8 @@ def window(rng: random.Random, sp: spm.SentencePieceProcessor, text: str, n: int
 
 
 def echo(rng: random.Random, sp: spm.SentencePieceProcessor, text: str, longest: int) -> str:
-    """24..longest consecutive tokens of an email, twice: copying on the emails' own words."""
-    ids = sp.encode(text)
-    n = rng.randint(24, longest)
-    start = rng.randrange(max(1, len(ids) - n))
-    seq = sp.decode(ids[start:start + n])
+    """A window of 24..longest tokens of an email, twice: copying on the emails' own words."""
+    seq = window(rng, sp, text, rng.randint(24, longest))
     return f"{seq}\n{seq}"
 
 
@@ -147,6 +146,7 @@ def pack(texts: list[str], sp: spm.SentencePieceProcessor, limit: int) -> list[s
 
 
 def corpus(phase: int, seed: int) -> list[str]:
+    """The texts of phase `phase` (0-based), drawn from `seed`."""
     sp = spm.SentencePieceProcessor(model_file=str(ROOT / "models/demo/tokenizer.model"))
     rng = random.Random(seed)
     if phase == 0:
@@ -163,12 +163,6 @@ def corpus(phase: int, seed: int) -> list[str]:
     texts += [echo(rng, sp, rng.choice(emails), 48) for _ in range(16000)]
     rng.shuffle(texts)
     return pack(texts, sp, PACK_TOKENS)
-
-
-def write_jsonl(texts: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-                    encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
