@@ -145,14 +145,11 @@ def pack(texts: list[str], sp: spm.SentencePieceProcessor, limit: int) -> list[s
     return rows
 
 
-def corpus(phase: int, seed: int) -> list[str]:
-    """The texts of phase `phase` (0-based), drawn from `seed`."""
-    sp = spm.SentencePieceProcessor(model_file=str(ROOT / "models/demo/tokenizer.model"))
+def corpus(phase: int, seed: int, sp: spm.SentencePieceProcessor, emails: list[str]) -> list[str]:
+    """The texts of phase `phase` (0-based), drawn from `seed`, made from the unlabelled `emails`."""
     rng = random.Random(seed)
     if phase == 0:
         return [drill(rng, sp) for _ in range(26000)]
-    emails = [json.loads(line)["text"] for line in
-              (ROOT / "data/emails_unlabelled.jsonl").read_text(encoding="utf-8").splitlines()]
     if phase == 1:
         texts = [drill(rng, sp) for _ in range(16000)]
         texts += [echo(rng, sp, rng.choice(emails), 60) for _ in range(16000)]
@@ -188,8 +185,11 @@ def main() -> int:
                   f"remove runs/demo-pretrain* to start over", file=sys.stderr)
             return 2
         write_init(INIT, args.seed)
+        sp = spm.SentencePieceProcessor(model_file=str(ROOT / "models/demo/tokenizer.model"))
+        emails = [json.loads(line)["text"] for line in
+                  (ROOT / "data/emails_unlabelled.jsonl").read_text(encoding="utf-8").splitlines()]
         for i, (_, path, seed, _) in enumerate(PHASES):
-            write_jsonl(corpus(i, seed), path)
+            write_jsonl(corpus(i, seed, sp, emails), path)
     start = INIT
     for out, path, _, overrides in PHASES:
         if not (out / "final").exists():
