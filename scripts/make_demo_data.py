@@ -31,6 +31,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import string
@@ -850,10 +851,15 @@ def write_csv(emails: list[Email], path: Path) -> None:
 
 
 def write_jsonl(texts: list[str], path: Path) -> None:
-    """One `{"text": ...}` object per line: the loop's text-column mode reads it (data.text_column: text)."""
+    """One `{"text": ...}` object per line: the loop's text-column mode reads it (data.text_column: text).
+
+    Written to a temporary file and renamed, so a crash never leaves a truncated corpus under `path`
+    for a later `make_demo_model.py --resume` to train on."""
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    os.replace(tmp, path)
 
 
 def sha256(path: Path) -> str:
