@@ -152,6 +152,13 @@ class LlamaAttention(nn.Module):
             # No mask: flash/cuDNN take GQA natively. With a mask, enable_gqa would fall back to the
             # math kernel (O(T^2) memory), so there we expand K/V and keep the memory-efficient kernel.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        elif mask is not None and groups > 1:
+            # Fold each K/V head's query heads into the query length instead of copying K/V `groups`
+            # times: (B, nkv, groups*T, hd) against (B, nkv, S, hd), the mask repeated over the fold.
+            # Same products and sums; in decoding it spares a copy of the whole KV cache per layer.
+            qf = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+            y = y.view(B, self.n_heads, T, self.head_dim)
         else:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
