@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import DataConfig
-from finetune.data import load_rows, split_rows
+from finetune.data import format_prompt, load_rows, split_rows
 from finetune.metrics import normalize_span, parse_entities
 from llama.tokenizer import Tokenizer
 
@@ -162,12 +162,23 @@ def test_demo_tokenizer_has_llama2_settings_and_equals_hf(rows: list[dict[str, s
     assert (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) == (0, 1, 2, -1)
     assert (norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces) == ("identity", True, False)
     assert not spec.input and not spec.model_prefix  # no machine-specific paths in the committed file
+    symbols = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED]
+    assert symbols == tokscript.USER_SYMBOLS
     ours, hf = Tokenizer.from_pretrained(DEMO_DIR), LlamaTokenizer.from_pretrained(DEMO_DIR)
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (hf.bos_token_id, hf.eos_token_id, len(hf))
+    prefix = [ours.sp.piece_to_id("▁")]  # the dummy-prefix piece
+    cfg = DataConfig(path=str(DATA_CSV), template="### Email:\n{input}\n### Entità:\n")
     for row in rows[:200]:
+        prompt = format_prompt(cfg, row["input_text"])
+        # a whole prompt + answer (it starts with the template, not a symbol): HF agrees token for token
+        assert ours.encode(prompt + row["output_text"]) == hf.encode(prompt + row["output_text"])
         for text in (row["input_text"], row["output_text"]):
-            assert ours.encode(text, eos=True) == hf.encode(text) + [hf.eos_token_id]
             assert ours.decode(ours.encode(text)) == text
+            mine, theirs = ours.encode(text, eos=True), hf.encode(text) + [hf.eos_token_id]
+            if text[0] in symbols:  # HF drops the dummy prefix before an added token (module docstring)
+                assert mine[:1] + mine[2:] == theirs and mine[1:2] == prefix
+            else:
+                assert mine == theirs
 
 
 def test_tokenizer_training_is_deterministic(tmp_path: Path) -> None:
