@@ -24,7 +24,6 @@ import difflib
 import math
 import os
 import re
-import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,9 +33,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
-
-# Named prompt templates (see finetune.data for the exact text); anything else must be a custom string.
-TEMPLATE_NAMES = ("alpaca", "llama2-chat")
+from finetune.templates import check_template
 
 
 @dataclass
@@ -77,8 +74,9 @@ class DataConfig:
     tokens_column: str = "tokens"       # token/tag rows (MultiNERD style) ...
     tags_column: str = "ner_tags"
     tag_labels: list[str] | None = None  # ... with integer tags indexing this list
-    template: str = "alpaca"            # alpaca | llama2-chat | a custom string containing {input}
+    template: str = "alpaca"            # alpaca | llama2-chat | chat (the model's own) | a custom string
     instruction: str = "Extract entity from the given input:"
+    system: str | None = None           # chat only: the system message (null = the template's default)
     max_length: int = 128
     train_on_prompt: bool = False
     shuffle_seed: int = 42
@@ -306,40 +304,6 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
             _set(cfg, key, os.path.abspath(os.path.expanduser(value)))
     if check_paths:
         _check_paths(cfg, source)
-
-
-def check_template(template: str, source: str = "<config>") -> None:
-    """A named template, or a custom string with {input}, optional {instruction}, and {output} only last.
-
-    The response is appended after the prompt by token ids (see finetune.data), so ``{output}`` anywhere
-    but at the very end would put response text inside the prompt; literal ``<s>``/``</s>`` would be
-    tokenised as text, because BOS/EOS are token ids added by the tokenizer.
-    """
-    if template in TEMPLATE_NAMES:
-        return
-    if "{" not in template:
-        raise UserError(f"{source}: data.template {_show(template)} is not a known template "
-                        f"({', '.join(TEMPLATE_NAMES)}) nor a custom string containing {{input}}"
-                        f"{_did_you_mean(template, TEMPLATE_NAMES)}")
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise UserError(f"{source}: data.template is not a valid format string ({e}); "
-                        "write literal braces as {{ and }}") from None
-    fields = [name for _, name, _, _ in parts if name is not None]
-    for name in fields:
-        if name not in ("input", "instruction", "output"):
-            raise UserError(f"{source}: data.template has an unknown placeholder {{{name}}}; allowed: "
-                            f"{{input}}, {{instruction}}, {{output}}"
-                            f"{_did_you_mean(name, ('input', 'instruction', 'output'))}")
-    if "input" not in fields:
-        raise UserError(f"{source}: data.template must contain {{input}} (where the row's input text goes)")
-    if "<s>" in template or "</s>" in template:
-        raise UserError(f"{source}: data.template must not contain literal <s> or </s>: BOS/EOS are added "
-                        "as token ids by the tokenizer; remove them from the template")
-    if "output" in fields and not template.rstrip().endswith("{output}"):
-        raise UserError(f"{source}: data.template may use {{output}} only at its very end (the response "
-                        "always follows the prompt)")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import random
-import string
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,21 +36,11 @@ from typing import Any, Protocol
 
 import torch
 
-from finetune.config import DataConfig, check_template
+from finetune.config import DataConfig
 from finetune.errors import UserError
+from finetune.templates import prompt_ids, response_ids
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
-
-# The seeds' instruction template (Alpaca layout); {instruction} defaults to the seeds' fixed sentence.
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n"
-    "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n{output}"
-)
-# Llama-2 chat layout `<s>[INST] ... [/INST] answer </s>`: <s>/</s> are the BOS/EOS *ids*, added when
-# tokenising, never literal text (SentencePiece would spell "<s>" as ordinary characters).
-LLAMA2_CHAT_TEMPLATE = "[INST] {instruction} {input} [/INST] {output}"
-TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "llama2-chat": LLAMA2_CHAT_TEMPLATE}
 
 # Where the answer starts in a preformatted `text` row when data.response_marker is null (checked in order).
 AUTO_RESPONSE_MARKERS = ("[/INST]", "### Response:\n", "### Response:")
@@ -380,37 +369,15 @@ def split_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[dict],
     return train, test
 
 
-def template_text(cfg: DataConfig) -> str:
-    """The full template string for ``cfg.template`` (a name or a custom string)."""
-    check_template(cfg.template, "data config")
-    return TEMPLATES.get(cfg.template, cfg.template)
-
-
-def format_prompt(cfg: DataConfig, input_text: str) -> str:
-    """The prompt text for one input: the template up to ``{output}``, trailing spaces removed.
-
-    Trailing spaces go because the response's SentencePiece dummy prefix stands for them (module doc).
-    """
-    head = []
-    for literal, name, spec, conversion in string.Formatter().parse(template_text(cfg)):
-        head.append(literal.replace("{", "{{").replace("}", "}}"))
-        if name == "output":
-            break
-        if name is not None:
-            head.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-                        + "}")
-    return "".join(head).format(input=input_text, instruction=cfg.instruction).rstrip(" ")
-
-
 def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
                   max_tokens: int) -> tuple[list[int], bool] | None:
-    """``[BOS] + encode(prompt)`` in at most ``max_tokens`` ids, cutting the *input* if needed.
+    """The prompt ids (``templates.prompt_ids``) in at most ``max_tokens`` ids, cutting the *input* if needed.
 
     The input is cut token-wise from its end and the prompt re-formatted around it, so the template's
-    tail (``### Response:``, ``[/INST]``) is always kept and the ids are exactly
-    ``encode(format_prompt(cfg, prefix_of_input))``. Returns ``(ids, truncated)``, or None if not even
+    tail (``### Response:``, ``[/INST]``, the chat's generation prompt) is always kept and the ids are
+    exactly ``prompt_ids(cfg, prefix_of_input)``. Returns ``(ids, truncated)``, or None if not even
     one input token fits. The evaluator may call it too (budget = max_length - max_new_tokens)."""
-    ids = tok.encode(format_prompt(cfg, input_text), bos=True, eos=False)
+    ids = prompt_ids(tok, cfg, input_text)
     if len(ids) <= max_tokens:
         return ids, False
     input_ids = tok.encode(input_text, bos=False, eos=False)
@@ -418,7 +385,7 @@ def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
     while keep > 0:  # decode/re-encode may shift a token or two at the cut; shrink until it fits
         # a cut inside a multi-byte character decodes to U+FFFD: drop it rather than invent a character
         kept = tok.decode(input_ids[:keep]).rstrip("\ufffd")
-        ids = tok.encode(format_prompt(cfg, kept), bos=True, eos=False)
+        ids = prompt_ids(tok, cfg, kept)
         if len(ids) <= max_tokens:
             return ids, True
         keep -= len(ids) - max_tokens
@@ -426,9 +393,11 @@ def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
 
 
 def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> Example | None:
-    """Tokenise one row: ``[BOS] prompt | response [EOS]``; None if it cannot fit ``cfg.max_length``.
+    """Tokenise one row: ``[BOS] prompt | response [EOS]`` (chat: ``prompt | answer <end-of-turn>``);
+    None if it cannot fit ``cfg.max_length``.
 
-    Prompt tokens get label -100 unless ``cfg.train_on_prompt``; BOS never carries loss; EOS always does.
+    Prompt tokens get label -100 unless ``cfg.train_on_prompt``; BOS never carries loss; the answer's
+    end (EOS or end-of-turn) always does.
     """
     if "text" in row:
         split = _split_text_row(cfg, row["text"])
@@ -437,9 +406,11 @@ def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> 
         prompt_text, response = split
     else:
         prompt_text, response = None, row["output"]
-    response_ids = tok.encode(response, bos=False, eos=False) if response else []
-    response_ids.append(tok.eos_id)
-    budget = cfg.max_length - len(response_ids)
+    if prompt_text is None:
+        answer = response_ids(tok, cfg, response)
+    else:  # a preformatted text row brings its own layout: the answer ends with EOS
+        answer = (tok.encode(response, bos=False, eos=False) if response else []) + [tok.eos_id]
+    budget = cfg.max_length - len(answer)
     if prompt_text is None:
         fitted = encode_prompt(tok, cfg, row["input"], budget)
     else:  # a preformatted text has no separate input to cut
@@ -447,13 +418,13 @@ def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> 
         fitted = (ids, False) if len(ids) <= budget else None
     if fitted is None:
         return None
-    prompt_ids, truncated = fitted
-    input_ids = prompt_ids + response_ids
+    prompt, truncated = fitted
+    input_ids = prompt + answer
     if cfg.train_on_prompt or prompt_text == "":  # "" = a text row without a response marker
         labels = [IGNORE_INDEX] + input_ids[1:]
     else:
-        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return Example(input_ids, labels, prompt_len=len(prompt_ids), truncated=truncated, row=row)
+        labels = [IGNORE_INDEX] * len(prompt) + answer
+    return Example(input_ids, labels, prompt_len=len(prompt), truncated=truncated, row=row)
 
 
 def _split_text_row(cfg: DataConfig, text: str) -> tuple[str, str] | None:
@@ -481,7 +452,7 @@ def prepare(cfg: DataConfig, tok: TokenizerLike) -> PreparedData:
     train_rows, test_rows = split_rows(rows, cfg)
     stats.train_rows, stats.test_rows = len(train_rows), len(test_rows)
     if any("text" not in r for r in rows):
-        fixed = len(tok.encode(format_prompt(cfg, ""), bos=True, eos=False)) + 1
+        fixed = len(prompt_ids(tok, cfg, "")) + len(response_ids(tok, cfg, ""))
         if fixed >= cfg.max_length:
             raise UserError(f"data.max_length={cfg.max_length} is too small for the template: the prompt "
                             f"with an empty input plus EOS already takes {fixed} tokens; "

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from finetune import metrics as M
-from finetune import report
+from finetune import report, templates
 from finetune.config import RunConfig
 from finetune.data import Example, encode_example, load_rows, split_rows
 from finetune.errors import UserError
@@ -167,8 +167,8 @@ def _sync(device: torch.device) -> None:
 
 def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      batch_size: int, stop_at_eos: bool = True, progress: bool = True,
-                     amp: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> tuple[list[list[int]], float]:
+                     amp: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], float]:
     """Greedy new token ids per prompt (EOS excluded) and the wall time of the generation.
 
     Prompts are sorted by length before batching so each left-padded batch wastes little compute; the
@@ -179,7 +179,8 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     import llama  # the model stack only when generating: metrics/report users need no torch model
 
     device = _device_of(model)
-    eos = sorted({tok.eos_id, *model.config.eos_token_ids} - {None}) if stop_at_eos else []
+    # EOS ids of the tokenizer and the model, and the template's end of turn (``<|im_end|>``)
+    eos = sorted({tok.eos_id, *model.config.eos_token_ids, *stop_ids} - {None}) if stop_at_eos else []
     pad = _pad_id(tok)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -250,7 +251,8 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
 
     prompts = [ex.input_ids[:ex.prompt_len] for ex in examples]
     new_ids, gen_s = generate_answers(model, tok, prompts, ev.max_new_tokens, ev.batch_size, ev.stop_at_eos,
-                                      progress, lambda: autocast_for(cfg, device))
+                                      progress, lambda: autocast_for(cfg, device),
+                                      stop_ids=templates.stop_ids(tok, cfg.data))
     predictions = [tok.decode(ids) for ids in new_ids]
     # tokens the decoder produced: the kept ones plus the EOS that ended a row early
     n_generated = sum(len(ids) + (ev.stop_at_eos and len(ids) < ev.max_new_tokens) for ids in new_ids)

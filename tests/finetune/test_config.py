@@ -197,8 +197,8 @@ def test_unknown_keys_suggest_the_nearest(paths, extra, expected):
     ("data: {format: xlsx}", "data.format must be one of auto, csv, jsonl, json"),
     ("data: {train_size: 0}", "data.train_size must be >= 1 or null"),
     ("data: {test_size: -1}", "data.test_size must be >= 0 or null"),
-    ("data: {template: alpacca}", "data.template 'alpacca' is not a known template (alpaca, llama2-chat) "
-                                  "nor a custom string containing {input}; did you mean 'alpaca'?"),
+    ("data: {template: alpacca}", "data.template 'alpacca' is not a known template (alpaca, llama2-chat, "
+                                  "chat) nor a custom string containing {input}; did you mean 'alpaca'?"),
     ("data: {template: 'Q: {instruction} A: {output}'}", "data.template must contain {input}"),
     ("data: {template: 'Q: {inptu} A:'}", "unknown placeholder {inptu}"),
     ("data: {template: '{output} after {input}'}", "{output} only at its very end"),

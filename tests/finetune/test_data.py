@@ -20,11 +20,9 @@ from hypothesis import strategies as st
 
 from finetune.config import DataConfig
 from finetune.data import (
-    ALPACA_TEMPLATE,
     IGNORE_INDEX,
     collate,
     encode_example,
-    format_prompt,
     load_rows,
     prepare,
     read_rows,
@@ -32,6 +30,7 @@ from finetune.data import (
     tags_to_entities,
 )
 from finetune.errors import UserError
+from finetune.templates import ALPACA_TEMPLATE, format_prompt
 
 # MultiNERD's label list (the dataset card's order): ner_tags index into it.
 MULTINERD_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-ANIM", "I-ANIM", "B-BIO",

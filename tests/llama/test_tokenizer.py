@@ -212,9 +212,9 @@ def test_errors_missing_dir_and_model(tmp_path: Path) -> None:
     assert str(tmp_path / "nope") in _one_line_error(tmp_path / "nope", "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "copy tokenizer.model" in _one_line_error(empty, "no tokenizer.model in")
+    assert "copy the tokenizer files" in _one_line_error(empty, "no tokenizer.model or tokenizer.json in")
     (empty / "tokenizer.json").write_text("{}")
-    _one_line_error(empty, "tokenizer.json only")
+    _one_line_error(empty, "tokenizer model type None is not supported")
 
 
 @pytest.mark.parametrize("content, why", [
