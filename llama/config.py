@@ -299,7 +299,7 @@ def _family_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
             first = raw.get("max_window_layers", raw["num_hidden_layers"])
             types = ["sliding_attention" if i >= first else "full_attention"
                      for i in range(raw["num_hidden_layers"])]
-        if types is not None and "sliding_attention" not in types:
+        if types is not None and all(t == "full_attention" for t in types):
             window, types = None, None
         out.update(sliding_window=window, layer_types=types, qkv_bias=True)
     elif family == "gemma":
