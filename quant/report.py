@@ -83,14 +83,17 @@ def estimate_memory(model: nn.Module, qc: QuantConfig) -> MemoryReport:
     """The `memory_report` that quantising `model` with `qc` would give, from shapes alone.
 
     Works on a meta-device skeleton (no weights, no memory), so the 4-bit footprint of a 47B-parameter
-    Mixtral can be stated without the checkpoint. Per selected linear of n weights in blocks of b:
-    ceil(n/2) bytes of codes; statistics ceil(n/b) absmax (uint8 with double quant, else fp32), the
-    16-entry fp32 code table and, with double quant, ceil(n/b/256) fp32 second-level absmax, their
-    256-entry code table and one fp32 offset — what bitsandbytes stores (checked against a real
-    quantised model in the tests). Everything else counts at its own dtype, as in `memory_report`.
+    Mixtral can be stated without the checkpoint; LoRA injected into the skeleton counts as trainable.
+    Per selected linear of n weights in blocks of b: ceil(n/2) bytes of codes; statistics ceil(n/b)
+    absmax (uint8 with double quant, else fp32), the 16-entry fp32 code table and, with double quant,
+    ceil(n/b/256) fp32 second-level absmax, their 256-entry code table and one fp32 offset: what
+    bitsandbytes stores (checked against a real quantised model in the tests). Everything else counts
+    at its own dtype, as in `memory_report`.
     """
+    # A LoRA adapter's own lora_A / lora_B linears are never quantised (the LoRA `base` linear is).
     selected = {id(m.weight) for name, m in model.named_modules()
-                if isinstance(m, nn.Linear) and qc.selects(name)}
+                if isinstance(m, nn.Linear) and qc.selects(name)
+                and not name.rpartition(".")[2].startswith("lora_")}
     q_params = q_bytes = stats = d_params = d_bytes = t_params = t_bytes = 0
     for p in model.parameters():
         n = p.numel()

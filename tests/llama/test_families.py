@@ -368,12 +368,14 @@ def test_mixtral_8x7b_nf4_memory_on_the_meta_device():
            "rope_theta": 1e6, "sliding_window": None, "torch_dtype": "bfloat16"}
     with torch.device("meta"):
         model = llama.Llama(LlamaConfig.from_hf(raw)).to(torch.bfloat16)
+        stats = lora.inject(model, r=16, alpha=32)  # the seed recipe: q/k/v/o, rank 16
     est = quant.estimate_memory(model, quant.QuantConfig())
     assert est.quantized_params == 32 * (8 * 3 * 4096 * 14336 + 2 * 4096 * 4096 + 2 * 4096 * 1024)
-    total_params = est.quantized_params + est.dense_params + est.trainable_params
-    assert abs(total_params - 46_702_792_704) < 1e6  # Mixtral-8x7B's published parameter count
-    print(f"Mixtral-8x7B NF4: {est}")
-    assert 23.0e9 < est.total_bytes < 25.0e9  # ~24 GB, the figure
+    assert est.trainable_params == stats.trainable == 32 * 16 * (4096 + 4096 + 2 * (4096 + 1024) + 8192)
+    total_params = est.quantized_params + est.dense_params
+    assert abs(total_params - 46.7e9) < 0.05e9  # Mixtral-8x7B's published size: 46.7B parameters
+    print(f"Mixtral-8x7B NF4 + LoRA r16 q/k/v/o: {est}")
+    assert 24.0e9 < est.total_bytes < 25.0e9  # ~24 GB, the figure
 
 
 def test_estimate_memory_equals_the_report_of_a_quantised_model(family_dir):
@@ -381,8 +383,13 @@ def test_estimate_memory_equals_the_report_of_a_quantised_model(family_dir):
     model4 = llama.from_pretrained(path, linear_hook=quant.nf4(compute_dtype=torch.float32))
     with torch.device("meta"):
         skeleton = llama.Llama(LlamaConfig.from_hf(path))
-    assert quant.estimate_memory(skeleton, quant.QuantConfig(compute_dtype=torch.float32)) == \
-        quant.memory_report(model4)
+    qc = quant.QuantConfig(compute_dtype=torch.float32)
+    assert quant.estimate_memory(skeleton, qc) == quant.memory_report(model4)
+    for m in (model4, skeleton):
+        with torch.device("meta" if m is skeleton else "cpu"):
+            lora.inject(m, targets=_lora_targets("mixtral", experts=True), r=4, alpha=8)
+    report = quant.memory_report(model4)
+    assert report.trainable_params > 0 and quant.estimate_memory(skeleton, qc) == report
 
 
 # ---------------------------------------------------------------------- configs
