@@ -9,6 +9,7 @@ padding, greedy KV-cache generation identical to transformers' `generate`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hf_fixtures
@@ -446,3 +447,34 @@ def test_maths_changing_configs_are_refused_in_one_line(arch, change, words):
         LlamaConfig.from_hf(raw)
     msg = str(err.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+# ---------------------------------------------------------------------- the CLIs, as for Llama
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "gemma"])  # the ones shipping tokenizer.model
+def test_train_and_eval_clis_run_a_family_checkpoint(family, tmp_path, capsys):
+    """train.py (QLoRA: real NF4 base, LoRA on the family's targets) then eval.py, as for a Llama."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "finetune"))
+    from train_testlib import run_config, write_csv
+
+    import eval as eval_cli
+    import train as train_cli
+
+    model_dir = hf_fixtures.make_family_checkpoint(tmp_path / "model", family, max_shard_size="60KB")
+    hf_fixtures.write_tokenizer_files(model_dir)
+    run = tmp_path / "run"
+    cfg = run_config(model_dir, write_csv(tmp_path / "d.csv"), run, quant={"enabled": True},
+                     lora={"targets": _lora_targets(family, experts=family == "mixtral")},
+                     train={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+                     eval={"max_new_tokens": 6, "batch_size": 4, "limit": 4})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert train_cli.main([str(cfg_path), "--no-progress"]) == 0, capsys.readouterr().err
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == set(_lora_targets(family, experts=family == "mixtral"))
+    assert eval_cli.main([str(cfg_path), "--no-progress"]) == 0, capsys.readouterr().err
+    scored = json.loads((run / "eval" / "metrics.json").read_text())
+    assert scored["adapter"] == str(run / "final") and math.isfinite(scored["loss"]["eval_loss"])
