@@ -478,3 +478,18 @@ def test_train_and_eval_clis_run_a_family_checkpoint(family, tmp_path, capsys):
     assert eval_cli.main([str(cfg_path), "--no-progress"]) == 0, capsys.readouterr().err
     scored = json.loads((run / "eval" / "metrics.json").read_text())
     assert scored["adapter"] == str(run / "final") and math.isfinite(scored["loss"]["eval_loss"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_recipe_configs_load(family):
+    """configs/<family>.yaml is the seed recipe with the family's path and PEFT-named LoRA targets."""
+    from finetune.config import load_config
+
+    root = Path(__file__).parents[2] / "configs"
+    cfg, seed = (load_config(root / f"{name}.yaml", check_paths=False) for name in (family, "llama2"))
+    assert cfg.lora.targets == TARGETS[family]
+    same = ("train.lr", "lora.r", "lora.alpha", "data.max_length", "data.template", "quant.quant_type")
+    for key in same:
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == getattr(getattr(seed, section), field), key
+    assert cfg.model.path != seed.model.path and str(cfg.train.output_dir).endswith(f"runs/{family}")
