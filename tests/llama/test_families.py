@@ -117,13 +117,15 @@ def test_the_family_switches_change_the_network(family_dir):
 
 
 def test_bf16_logits_close_to_transformers(family_dir):
+    """Same ops in the same order: measured max |diff| 0 (Mistral, Gemma, Qwen2) and 3.9e-3, one bf16 ulp
+    at logits ~0.6 (Mixtral's expert sums, Phi's parallel sum); 1e-2 as for Llama."""
     for family in FAMILIES:
         path = family_dir(family)
         ours, ref = llama.from_pretrained(path, dtype=torch.bfloat16), hf_model(path, family, torch.bfloat16)
         with torch.no_grad():
             a, b = ours(IDS), ref(IDS).logits
         assert a.dtype == torch.bfloat16
-        assert (a.float() - b.float()).abs().max().item() <= 3e-2, family
+        assert (a.float() - b.float()).abs().max().item() <= 1e-2, family
 
 
 def hf_generate(ref: nn.Module, prompts: list[list[int]], n: int, eos: int) -> list[list[int]]:
@@ -199,6 +201,22 @@ def test_nf4_through_the_loader_hook(family, family_dir):
         got, want = model4(padded, attention_mask=mask), twin(padded, attention_mask=mask)
         assert (got - want)[mask.bool()].abs().max().item() <= 1e-4
         assert (got - fp32(padded, attention_mask=mask)).abs().max().item() > 0  # it really is 4-bit
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi", "gemma"])
+def test_prequantized_save_and_load_round_trip(family, family_dir, tmp_path):
+    """quant.save_quantized / load_quantized into a meta skeleton (model.prequantized) keep the logits."""
+    path = family_dir(family)
+    qc = quant.QuantConfig(compute_dtype=torch.float32)
+    model4 = llama.from_pretrained(path, linear_hook=quant.make_hook(qc))
+    quant.save_quantized(model4, tmp_path / "q", qc)
+    with torch.device("meta"):
+        skeleton = llama.Llama(LlamaConfig.from_hf(path))
+    again = quant.load_quantized(skeleton, tmp_path / "q", qc)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS), model4(IDS), rtol=0, atol=0)
+    if family == "gemma":
+        assert again.lm_head.weight is again.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("family", FAMILIES)
