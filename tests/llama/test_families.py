@@ -26,7 +26,8 @@ from llama import LlamaConfig, LoadError
 
 FP32_TOL = 1e-4
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# PEFT's default LoRA targets per family (peft.utils.constants): Phi names its output projection dense.
+# The seed recipe's LoRA targets (the four attention projections) under each family's module names:
+# Phi calls its output projection dense (PEFT targets the same names).
 TARGETS = {"mistral": QKVO, "mixtral": QKVO, "gemma": QKVO, "qwen2": QKVO,
            "phi": ["q_proj", "k_proj", "v_proj", "dense"]}
 FAMILIES = list(hf_fixtures.FAMILY_CONFIGS)
