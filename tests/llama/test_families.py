@@ -396,6 +396,9 @@ def test_mixtral_8x7b_nf4_memory_on_the_meta_device():
     assert abs(total_params - 46.7e9) < 0.05e9  # Mixtral-8x7B's published size: 46.7B parameters
     print(f"Mixtral-8x7B NF4 + LoRA r16 q/k/v/o: {est}")
     assert 24.0e9 < est.total_bytes < 25.0e9  # ~24 GB, the figure
+    with torch.device("meta"):  # LoRA on the experts too (configs/mixtral.yaml's comment)
+        wide = lora.inject(llama.Llama(LlamaConfig.from_hf(raw)), _lora_targets("mixtral", True), r=16)
+    assert wide.trainable == stats.trainable + 32 * 8 * 3 * 16 * (4096 + 14336) == 240_123_904
 
 
 def test_estimate_memory_equals_the_report_of_a_quantised_model(family_dir):
