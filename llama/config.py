@@ -46,21 +46,20 @@ ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # config.json keys that would change the network if set to anything but the value we implement:
-# (key, families it may appear in or None for all, accepted values, what it is). Refused with one line
-# rather than silently ignored. Keys not listed here (use_cache, initializer_range, ...) do not change
+# (key, accepted values, what it is). Refused with one line rather than silently ignored. Keys not
+# listed here (use_cache, initializer_range, pretraining_tp: the same sums sliced, ...) do not change
 # the maths of a forward pass.
-_MUST_BE: tuple[tuple[str, tuple[str, ...] | None, tuple[Any, ...], str], ...] = (
-    ("pretraining_tp", None, (None, 1), "tensor-parallel slicing of the linears (Llama-1 era)"),
-    ("qk_layernorm", None, (None, False), "LayerNorm on queries and keys"),
-    ("use_bidirectional_attention", None, (None, False), "bidirectional (non-causal) attention"),
-    ("router_jitter_noise", None, (None, 0, 0.0), "multiplicative jitter on the router input"),
-    ("attn_logit_softcapping", None, (None,), "attention logit soft-capping (Gemma-2)"),
-    ("final_logit_softcapping", None, (None,), "final logit soft-capping (Gemma-2)"),
-    ("query_pre_attn_scalar", None, (None,), "a query scale other than 1/sqrt(head_dim) (Gemma-2)"),
-    ("use_qk_norm", None, (None, False), "RMSNorm on queries and keys"),
-    ("attention_chunk_size", None, (None,), "chunked attention"),
-    ("mlp_only_layers", None, (None, []), "dense layers inside a mixture-of-experts stack"),
-    ("shared_expert_intermediate_size", None, (None, 0), "a shared expert beside the routed ones"),
+_MUST_BE: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("qk_layernorm", (None, False), "LayerNorm on queries and keys"),
+    ("use_bidirectional_attention", (None, False), "bidirectional (non-causal) attention"),
+    ("router_jitter_noise", (None, 0, 0.0), "multiplicative jitter on the router input"),
+    ("attn_logit_softcapping", (None,), "attention logit soft-capping (Gemma-2)"),
+    ("final_logit_softcapping", (None,), "final logit soft-capping (Gemma-2)"),
+    ("query_pre_attn_scalar", (None,), "a query scale other than 1/sqrt(head_dim) (Gemma-2)"),
+    ("use_qk_norm", (None, False), "RMSNorm on queries and keys"),
+    ("attention_chunk_size", (None,), "chunked attention"),
+    ("mlp_only_layers", (None, []), "dense layers inside a mixture-of-experts stack"),
+    ("shared_expert_intermediate_size", (None, 0), "a shared expert beside the routed ones"),
 )
 
 
@@ -248,8 +247,8 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise LoadError(f"{where} lacks {', '.join(missing)}; it is not a complete {family} config.json")
-    for key, families, allowed, what in _MUST_BE:
-        if key in raw and (families is None or family in families) and raw[key] not in allowed:
+    for key, allowed, what in _MUST_BE:
+        if key in raw and raw[key] not in allowed:
             raise LoadError(f"{where}: {key}={raw[key]!r} ({what}) is not implemented; supported families "
                             f"({', '.join(SUPPORTED_MODEL_TYPES)}) run without it")
 

@@ -452,7 +452,7 @@ def test_family_fields_from_published_style_configs():
     ("PhiForCausalLM", dict(qk_layernorm=True), ["qk_layernorm=True", "not implemented"]),
     ("GemmaForCausalLM", dict(use_bidirectional_attention=True), ["use_bidirectional_attention"]),
     ("MixtralForCausalLM", dict(router_jitter_noise=0.1), ["router_jitter_noise=0.1"]),
-    ("LlamaForCausalLM", dict(pretraining_tp=2), ["pretraining_tp=2"]),
+    ("LlamaForCausalLM", dict(use_qk_norm=True), ["use_qk_norm=True"]),
     ("GemmaForCausalLM", dict(attn_logit_softcapping=50.0), ["attn_logit_softcapping"]),
     ("LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                "partial_rotary_factor": 0.5}), ["partial_rotary_factor"]),
