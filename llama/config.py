@@ -1,4 +1,7 @@
-"""LlamaConfig: the hyper-parameters of a Llama decoder, read from a Hugging Face `config.json`.
+"""LlamaConfig: the hyper-parameters of a Llama-family decoder, read from a Hugging Face `config.json`.
+
+Families: Llama, Mistral, Mixtral, Gemma, Phi(-1.5/-2) and Qwen2 (see FAMILIES). They share one
+decoder; the config says where they differ.
 
 Two shapes of config.json exist in the wild and both must load:
 - transformers 4.x (every published Llama-2/3 checkpoint): top-level `rope_theta`, `rope_scaling`
@@ -19,9 +22,17 @@ class LoadError(ValueError):
     """A checkpoint or config that cannot be loaded; the message says what, where and how to fix it."""
 
 
-# Mistral without a sliding window is the same network as Llama (same names, same maths).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# One decoder (llama/model.py) runs all of these; `model_type` switches the few places they differ.
+FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",  # Llama + sliding-window attention
+    "MixtralForCausalLM": "mixtral",  # Mistral + sparse mixture-of-experts feed-forward
+    "GemmaForCausalLM": "gemma",  # (1 + w) RMSNorm, sqrt(hidden)-scaled embeddings, GeGLU, tied head
+    "PhiForCausalLM": "phi",  # parallel attention + MLP on one LayerNorm, partial rotary, biases
+    "Qwen2ForCausalLM": "qwen2",  # Llama + bias on q/k/v
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES.values())
 # Extra keys each RoPE variant needs (besides rope_theta); see llama/model.py:rope_inv_freq.
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -29,33 +40,79 @@ ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+# transformers' names for the activations we implement (gelu_new and gelu_pytorch_tanh are the same
+# tanh approximation of GELU, Hendrycks & Gimpel 2016).
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# config.json keys that would change the network if set to anything but the value we implement:
+# (key, accepted values, what it is). Refused with one line rather than silently ignored. Keys not
+# listed here (use_cache, initializer_range, pretraining_tp: the same sums sliced, ...) do not change
+# the maths of a forward pass.
+_MUST_BE: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("qk_layernorm", (None, False), "LayerNorm on queries and keys"),
+    ("use_bidirectional_attention", (None, False), "bidirectional (non-causal) attention"),
+    ("router_jitter_noise", (None, 0, 0.0), "multiplicative jitter on the router input"),
+    ("attn_logit_softcapping", (None,), "attention logit soft-capping (Gemma-2)"),
+    ("final_logit_softcapping", (None,), "final logit soft-capping (Gemma-2)"),
+    ("query_pre_attn_scalar", (None,), "a query scale other than 1/sqrt(head_dim) (Gemma-2)"),
+    ("use_qk_norm", (None, False), "RMSNorm on queries and keys"),
+    ("attention_chunk_size", (None,), "chunked attention"),
+    ("mlp_only_layers", (None, []), "dense layers inside a mixture-of-experts stack"),
+    ("shared_expert_intermediate_size", (None, 0), "a shared expert beside the routed ones"),
+)
 
 
 @dataclass
 class LlamaConfig:
+    """The hyper-parameters of every supported family, flat; `model_type` picks the family's layout.
+
+    Family differences that a config.json cannot vary are properties derived from `model_type`
+    (`norm_type`, `parallel_block`, `embed_scale`, ...); the rest are fields read from config.json.
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int | None = None  # None = num_attention_heads (MHA); fewer = GQA
-    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads (Gemma sets 256)
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # None, or {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...} (without rope_theta)
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and the output projection
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # Llama-3.1 lists several
     pad_token_id: int | None = None  # Llama-2 has none; padding is masked by position anyway
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, e.g. "bfloat16"
+    model_type: str = "llama"  # llama | mistral | mixtral | gemma | phi | qwen2
+    # Sliding-window attention (Mistral, Mixtral, Qwen2 with use_sliding_window): a query sees the
+    # `sliding_window` most recent keys, itself included. `layer_types` says which layers slide
+    # (None = all of them when sliding_window is set).
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    qkv_bias: bool = False  # Qwen2: bias on q, k, v only (not on o_proj)
+    partial_rotary_factor: float = 1.0  # Phi: RoPE rotates only this fraction of each head
+    layer_norm_eps: float = 1e-5  # Phi's LayerNorm (the RMSNorm families use rms_norm_eps)
+    attention_dropout: float = 0.0  # dropout on attention probabilities, training only
+    resid_pdrop: float = 0.0  # Phi: dropout on the attention and MLP outputs, training only
+    embd_pdrop: float = 0.0  # Phi: dropout on the embeddings, training only
+    num_local_experts: int = 0  # Mixtral: experts per layer (0 = dense MLP)
+    num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to (top-k)
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss when the loop adds it
 
     def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise LoadError(f"config: model_type={self.model_type!r} is not supported; supported: "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.model_type == "phi":  # every Phi linear has a bias (HF's PhiModel has no switch)
+            self.attention_bias = self.mlp_bias = True
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -63,15 +120,44 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise LoadError(f"config: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; fix config.json")
-        if self.hidden_act != "silu":
-            raise LoadError(f"config: hidden_act={self.hidden_act!r} is not supported (Llama uses 'silu'); "
-                            "this checkpoint is not a Llama-family model")
+        if self.hidden_act not in ACTIVATIONS:
+            raise LoadError(f"config: hidden_act={self.hidden_act!r} is not supported; supported: "
+                            f"{', '.join(ACTIVATIONS)}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise LoadError(f"config: partial_rotary_factor={self.partial_rotary_factor} gives "
+                            f"{self.rotary_dim} rotary dims of head_dim={self.head_dim}; it must be an even "
+                            "number > 0")
+        if self.partial_rotary_factor != 1 and self.model_type != "phi":
+            raise LoadError(f"config: partial_rotary_factor={self.partial_rotary_factor} is only "
+                            f"implemented for phi, not {self.model_type}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise LoadError(f"config: sliding_window={self.sliding_window} must be a positive number of "
+                            "tokens or null")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise LoadError(f"config: layer_types {bad or self.layer_types} not supported; need "
+                                f"{self.num_hidden_layers} entries from: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise LoadError("config: layer_types has sliding_attention layers but sliding_window is null")
+        if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise LoadError(f"config: num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                            f"num_local_experts={self.num_local_experts}")
+        if self.num_local_experts and self.model_type != "mixtral":
+            raise LoadError(f"config: num_local_experts={self.num_local_experts} (mixture of experts) is "
+                            f"only implemented for mixtral, not {self.model_type}")
 
     @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -79,6 +165,42 @@ class LlamaConfig:
         if self.eos_token_id is None:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    # Layout switches fixed by the family (transformers hard-codes them per model class too).
+    @property
+    def norm_type(self) -> str:
+        """"layer" (LayerNorm with bias: Phi) or "rms" (everyone else)."""
+        return "layer" if self.model_type == "phi" else "rms"
+
+    @property
+    def norm_offset(self) -> bool:
+        """Gemma's RMSNorm multiplies by (1 + weight): its weights are stored around 0, not 1."""
+        return self.model_type == "gemma"
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies the embeddings by sqrt(hidden_size); None = no scaling."""
+        return self.hidden_size ** 0.5 if self.model_type == "gemma" else None
+
+    @property
+    def parallel_block(self) -> bool:
+        """Phi: x + attn(ln(x)) + mlp(ln(x)) with one LayerNorm, instead of two sequential residuals."""
+        return self.model_type == "phi"
+
+    @property
+    def lm_head_bias(self) -> bool:
+        return self.model_type == "phi"
+
+    @property
+    def out_proj_name(self) -> str:
+        """Name of the attention output projection: Phi calls it `dense`, the others `o_proj`."""
+        return "dense" if self.model_type == "phi" else "o_proj"
+
+    def is_sliding(self, layer: int) -> bool:
+        """True if decoder layer `layer` uses sliding-window attention."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,20 +229,28 @@ class LlamaConfig:
         return cls(**_hf_to_fields(raw, where))
 
 
-def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def _family(raw: dict[str, Any], where: str) -> str:
     archs = raw.get("architectures") or []
-    bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
+    bad = [a for a in archs if a not in FAMILIES]
     if bad or (not archs and raw.get("model_type") not in SUPPORTED_MODEL_TYPES):
         name = bad[0] if bad else f"model_type={raw.get('model_type')!r}"
-        raise LoadError(f"{where}: architecture {name} is not supported; this library runs "
-                        f"{' and '.join(SUPPORTED_ARCHITECTURES)} checkpoints only")
-    window = raw.get("sliding_window")
-    if window is not None and window < raw.get("max_position_embeddings", 4096):
-        raise LoadError(f"{where}: sliding_window={window} (Mistral v0.1 style) is not supported; only "
-                        "full attention (sliding_window: null) is the same network as Llama")
+        raise LoadError(f"{where}: architecture {name} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    kinds = {FAMILIES[a] for a in archs} or {raw["model_type"]}
+    if len(kinds) > 1:
+        raise LoadError(f"{where}: architectures {archs} name different families; keep one")
+    return kinds.pop()
+
+
+def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    family = _family(raw, where)
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        raise LoadError(f"{where} lacks {', '.join(missing)}; it is not a complete Llama config.json")
+        raise LoadError(f"{where} lacks {', '.join(missing)}; it is not a complete {family} config.json")
+    for key, allowed, what in _MUST_BE:
+        if key in raw and raw[key] not in allowed:
+            raise LoadError(f"{where}: {key}={raw[key]!r} ({what}) is not implemented; supported families "
+                            f"({', '.join(SUPPORTED_MODEL_TYPES)}) run without it")
 
     # transformers 5.x: rope_parameters = {rope_theta, rope_type, ...}; 4.x: rope_theta + rope_scaling.
     rope = raw.get("rope_parameters")
@@ -131,8 +261,10 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     else:
         theta = raw.get("rope_theta", 10000.0)
         scaling = dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None
+    # Phi: partial_rotary_factor is top-level in 4.x and inside rope_parameters in 5.x.
+    partial = raw.get("partial_rotary_factor", 1.0)
     if scaling is not None:
-        scaling.pop("partial_rotary_factor", None)  # 1.0 for every Llama; other values are not Llama
+        partial = scaling.pop("partial_rotary_factor", partial)
         if scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
         else:
@@ -141,12 +273,52 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     fields = {k: raw[k] for k in _REQUIRED}
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
                 "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
-                "bos_token_id", "eos_token_id"):
+                "bos_token_id", "eos_token_id", "layer_norm_eps", "attention_dropout", "resid_pdrop",
+                "embd_pdrop"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
     fields.update(pad_token_id=raw.get("pad_token_id"), rope_theta=float(theta), rope_scaling=scaling,
-                  torch_dtype=raw.get("dtype") or raw.get("torch_dtype"))
+                  torch_dtype=raw.get("dtype") or raw.get("torch_dtype"), model_type=family,
+                  partial_rotary_factor=float(partial))
+    fields.update(_family_fields(raw, family))
     return fields
+
+
+def _family_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
+    """What each family's transformers class decides from config.json beyond the common keys."""
+    out: dict[str, Any] = {}
+    if family in ("mistral", "mixtral"):
+        out["sliding_window"] = raw.get("sliding_window")  # every layer slides when it is set
+    elif family == "qwen2":
+        # Qwen2 slides only with use_sliding_window, and then only layers >= max_window_layers
+        # (transformers 4.x); 5.x writes that out as layer_types.
+        window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
+        types = raw.get("layer_types")
+        if types is None and window is not None:
+            first = raw.get("max_window_layers", raw["num_hidden_layers"])
+            types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(raw["num_hidden_layers"])]
+        if types is not None and all(t == "full_attention" for t in types):
+            window, types = None, None
+        out.update(sliding_window=window, layer_types=types, qkv_bias=True)
+    elif family == "gemma":
+        # Gemma's published config.json says hidden_act "gelu" but was trained with the tanh
+        # approximation; transformers 4.x reads `hidden_activation` (None = tanh) and 5.x maps "gelu"
+        # to "gelu_pytorch_tanh". Both end at the tanh GELU unless hidden_activation says otherwise.
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        out["hidden_act"] = "gelu_pytorch_tanh" if act == "gelu" else act
+        out.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+    elif family == "phi":
+        out["tie_word_embeddings"] = raw.get("tie_word_embeddings", False)
+        out["hidden_act"] = raw.get("hidden_act", "gelu_new")
+    if family == "mixtral":
+        for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef"):
+            if raw.get(key) is not None:
+                out[key] = raw[key]
+        out.setdefault("num_local_experts", 8)  # MixtralConfig's defaults (8 experts, top-2)
+    # Keys a family's transformers class does not read (a Llama's sliding_window, ...) are ignored
+    # as transformers ignores them: the network is the one transformers builds.
+    return out
 
 
 def _normalise_rope_scaling(scaling: dict[str, Any], where: str = "config") -> dict[str, Any]:

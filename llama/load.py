@@ -1,4 +1,5 @@
-"""Load a HF Llama checkpoint (safetensors, single file or sharded) into `Llama`, tensor by tensor.
+"""Load a HF checkpoint of a supported family (safetensors, one file or sharded) into `Llama`, tensor
+by tensor.
 
 The model is built on the meta device (no memory), every tensor header is checked against it
 before any data is read, then tensors stream in one at a time, converted to the target dtype on
@@ -13,6 +14,7 @@ docs/INTERFACES.md); `quant` uses it to turn each weight into 4 bits before the 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,9 +89,11 @@ def _find_weights(path: Path) -> dict[str, Path]:
                             "re-save the checkpoint with save_pretrained") from e
         absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if absent:
+            lost = [n for n, f in weight_map.items() if f in absent]
             raise LoadError(f"{index} names shard {absent[0]} which is absent from {path}"
-                            f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
-                            "copy every shard listed in the index")
+                            f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}, so "
+                            f"{len(lost)} tensor(s) are missing: {summarise_names(lost)}; copy every shard "
+                            "listed in the index")
         return {name: path / f for name, f in weight_map.items()}
     if any(path.glob("pytorch_model*.bin")):
         raise LoadError(f"{path} holds only pytorch_model*.bin (a pickle, which can run code: we never "
@@ -100,6 +104,37 @@ def _find_weights(path: Path) -> dict[str, Path]:
     found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
     raise LoadError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE} (found: {found}); "
                     "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def summarise_names(names: list[str], limit: int = 6) -> str:
+    """Every name, compactly and exactly: names that differ in one number are merged into a range,
+    e.g. `model.layers.[1].block_sparse_moe.experts.[0-7].w[1-3].weight` stands for 24 tensors."""
+    by_pattern: dict[str, list[list[frozenset[int]]]] = {}
+    for name in names:
+        nums = [frozenset({int(n)}) for n in re.findall(r"\d+", name)]
+        by_pattern.setdefault(re.sub(r"\d+", "#", name), []).append(nums)
+    out = []
+    for pattern, items in sorted(by_pattern.items()):
+        for i in reversed(range(pattern.count("#"))):  # merge along one number at a time: stays exact
+            merged: dict[tuple[frozenset[int], ...], set[int]] = {}
+            for nums in items:
+                merged.setdefault(tuple(nums[:i] + nums[i + 1:]), set()).update(nums[i])
+            items = [[*rest[:i], frozenset(v), *rest[i:]] for rest, v in merged.items()]
+        for nums in items:
+            text = iter(str(min(n)) if len(n) == 1 else f"[{_ranges(sorted(n))}]" for n in nums)
+            out.append(re.sub("#", lambda _, t=text: next(t), pattern))
+    more = f", ... ({len(out) - limit} more)" if len(out) > limit else ""
+    return ", ".join(out[:limit]) + more
+
+
+def _ranges(values: list[int]) -> str:
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 @contextmanager
@@ -132,13 +167,13 @@ def _check_headers(model: Llama, where: dict[str, Path], path: Path) -> None:
     names = {n for n in where if not _ignored(n, model.config)}
     missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
     if missing:
-        raise LoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
-                        f"{', '.join(missing[:4])}; config.json and the weights disagree, or a shard is "
+        raise LoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the config needs: "
+                        f"{summarise_names(missing)}; config.json and the weights disagree, or a shard is "
                         "incomplete")
     if unexpected:
-        raise LoadError(f"{path}: the checkpoint has {len(unexpected)} tensor(s) a Llama does not use, "
-                        f"e.g. {', '.join(unexpected[:4])}; is this a (non-quantized) Llama checkpoint "
-                        "matching its config.json?")
+        raise LoadError(f"{path}: the checkpoint has {len(unexpected)} tensor(s) a "
+                        f"{model.config.model_type} model does not use: {summarise_names(unexpected)}; is "
+                        "this a (non-quantized) checkpoint matching its config.json?")
     by_file: dict[Path, list[str]] = {}
     for name in sorted(names):
         by_file.setdefault(where[name], []).append(name)

@@ -1,7 +1,11 @@
-"""A Llama decoder in plain PyTorch, with Hugging Face module names so checkpoints load as a copy.
+"""One Llama-family decoder in plain PyTorch, with Hugging Face module names so checkpoints load as a copy.
 
-Module paths equal transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...), so
-`state_dict()` keys are the checkpoint's keys and PEFT adapter keys are `base_model.model.<path>`.
+Module paths equal transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...) and, per
+family, its `MistralForCausalLM`, `MixtralForCausalLM` (`block_sparse_moe.gate`, `experts.M.w1/w2/w3`),
+`GemmaForCausalLM`, `PhiForCausalLM` (`self_attn.dense`, `mlp.fc1/fc2`, `final_layernorm`) and
+`Qwen2ForCausalLM`, so `state_dict()` keys are the checkpoint's keys and PEFT adapter keys are
+`base_model.model.<path>`. The config (llama/config.py) switches the few places the families differ;
+there is no copy of the decoder per family.
 Every linear is a plain child module called through its own forward (`self.q_proj(x)`), so `quant`
 can swap it for a 4-bit module and `lora` can wrap it, with no change here.
 """
@@ -9,6 +13,8 @@ can swap it for a 4-bit module and `lora` can wrap it, with no change here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +37,7 @@ def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) ->
       and in between interpolate (1-s)*f_i/factor + s*f_i with s = (L/w_i - low)/(high - low).
     dynamic (NTK-aware, bloc97 2023) depends on the sequence length and is done in `rope_cos_sin`.
     """
-    d = cfg.head_dim
+    d = cfg.rotary_dim  # head_dim, or Phi's partial_rotary_factor * head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
     kind, s = cfg.rope_type, cfg.rope_scaling or {}
     if kind == "linear":
@@ -72,7 +78,7 @@ class RotaryEmbedding(nn.Module):
             # NTK-aware: base' = base * (factor*L/L_max - (factor-1))^(d/(d-2)), L = max(seq len, L_max),
             # with the batch's longest position as seq len (as transformers does). Tensor maths: no sync.
             cfg = self.cfg
-            d, factor, l_max = cfg.head_dim, cfg.rope_scaling["factor"], cfg.max_position_embeddings
+            d, factor, l_max = cfg.rotary_dim, cfg.rope_scaling["factor"], cfg.max_position_embeddings
             seq_len = (positions.max() + 1).clamp(min=l_max).float()
             base = cfg.rope_theta * (factor * seq_len / l_max - (factor - 1)) ** (d / (d - 2))
             inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=positions.device).float() / d))
@@ -87,22 +93,49 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hd); cos/sin: (B, T, hd) broadcast over heads
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    # x: (B, nh, T, hd); cos/sin: (B, T, rd) broadcast over heads. rd < hd (Phi's partial rotary):
+    # only the first rd dims of each head rotate, the rest pass through unchanged.
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos[:, None] + rotate_half(rot) * sin[:, None], rest), dim=-1)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (Zhang & Sennrich 2019), as HF does."""
+    """x / rms(x) * weight, computed in fp32 and cast back (Zhang & Sennrich 2019), as HF does.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    offset=True is Gemma's variant: (x / rms(x)) * (1 + weight), all in fp32 before the cast back
+    (weights stored around 0). The cast order differs from Llama's as in transformers, so bf16 agrees.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: LlamaConfig) -> nn.Module:
+    """The family's normalisation: LayerNorm with bias (Phi) or RMSNorm (Gemma's with the +1)."""
+    if cfg.norm_type == "layer":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation names: silu (SwiGLU), gelu (exact), gelu_new/gelu_pytorch_tanh (tanh)."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    return partial(F.gelu, approximate="tanh")
 
 
 class KVCache(nn.Module):
@@ -127,15 +160,22 @@ class KVCache(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """Causal GQA attention with RoPE; full or sliding-window (the mask it is given decides which)."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         h, b = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        qkv_b = b or cfg.qkv_bias  # Qwen2: bias on q/k/v but not on o_proj
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_b)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_b)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_b)
+        # `o_proj`, or `dense` in Phi: the checkpoint's (and PEFT's target) name.
+        self.out_name = cfg.out_proj_name
+        self.add_module(self.out_name, nn.Linear(self.n_heads * self.head_dim, h, bias=b))
+        self.sliding = cfg.is_sliding(layer)
+        self.dropout = cfg.attention_dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,26 +188,29 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(input_pos, k, v)  # (B, nkv, S, hd) over all cache slots
             k, v = k.to(q.dtype), v.to(q.dtype)
         groups = self.n_heads // self.n_kv_heads
+        p = self.dropout if self.training else 0.0
         if mask is None and _HAS_GQA:
             # No mask: flash/cuDNN take GQA natively. With a mask, enable_gqa would fall back to the
             # math kernel (O(T^2) memory), so there we expand K/V and keep the memory-efficient kernel.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1, dropout_p=p)
         elif mask is not None and groups > 1:
             # Fold each K/V head's query heads into the query length instead of copying K/V `groups`
             # times: (B, nkv, groups*T, hd) against (B, nkv, S, hd), the mask repeated over the fold.
             # Same products and sums; in decoding it spares a copy of the whole KV cache per layer.
             qf = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)
-            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.repeat(1, 1, groups, 1), dropout_p=p)
             y = y.view(B, self.n_heads, T, self.head_dim)
         else:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
+        out = self._modules[self.out_name]
+        return out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)). SwiGLU with silu (Shazeer 2020), GeGLU with
+    tanh-GELU (Gemma)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -175,23 +218,144 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PhiMLP(nn.Module):
+    """Phi's plain two-layer MLP with biases: fc2(gelu_tanh(fc1(x)))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MixtralExpert(nn.Module):
+    """One Mixtral expert, a SwiGLU MLP under the published checkpoints' names: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Linear(h, i, bias=False)
+        self.w2 = nn.Linear(i, h, bias=False)
+        self.w3 = nn.Linear(h, i, bias=False)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """The MoE router `gate`: logits = x @ weight.T, one per expert.
+
+    Not an `nn.Linear` on purpose: the loader hook (4-bit) and LoRA's all-linear leave it alone, as
+    transformers 5 does (its router is not a linear either). It is tiny (experts x hidden) and routing
+    decisions are discrete, so it stays in the compute dtype.
+    """
+
+    def __init__(self, hidden: int, n_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, hidden))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixtral's sparse mixture of experts (Jiang et al. 2024, arXiv:2401.04088), as transformers.
+
+    Each token goes to the top-k experts by router probability: softmax over all experts in fp32, the
+    k largest kept and renormalised to sum 1, cast to the hidden dtype, and the experts' outputs summed
+    with those weights. The router logits of the last forward ((B*T, E)) are kept for
+    `load_balancing_loss`.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Router(cfg.hidden_size, cfg.num_local_experts)
+        self.experts = nn.ModuleList(MixtralExpert(cfg) for _ in range(cfg.num_local_experts))
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        logits = self.gate(flat)  # (N, E)
+        self.router_logits = logits
+        weights = logits.float().softmax(dim=-1)
+        weights, chosen = weights.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        # One pass per expert over the tokens routed to it (sparse: an expert sees only its tokens).
+        hit = torch.zeros(len(self.experts), dtype=torch.bool, device=x.device)
+        hit[chosen.flatten()] = True
+        for e in hit.nonzero()[:, 0].tolist():
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(B, T, H)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, arXiv:2101.03961, eq. 4-6), as Mixtral.
+
+    For E experts: E * sum_e f_e * P_e, where f_e is the number of routing choices (token x top-k)
+    sent to expert e per token and P_e the mean router probability of e, over every layer's tokens
+    (padding excluded when `attention_mask` (B, T) is given). A perfectly balanced router scores k.
+    """
+    logits = torch.cat([t.float() for t in router_logits], dim=0)  # (L*N, E)
+    n_exp = logits.shape[-1]
+    probs = logits.softmax(dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices
+    picked = F.one_hot(chosen, n_exp).float()  # (L*N, k, E)
+    if attention_mask is None:
+        f, p = picked.mean(dim=0), probs.mean(dim=0)
+    else:
+        w = attention_mask.reshape(-1).float().repeat(len(router_logits))  # (L*N,)
+        f = (picked * w[:, None, None]).sum(dim=0) / w.sum()
+        p = (probs * w[:, None]).sum(dim=0) / w.sum()
+    return (f * p[None]).sum() * n_exp
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """One block: attention and feed-forward (MLP, Phi MLP or MoE), sequential or parallel (Phi)."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer)
+        if cfg.num_local_experts:
+            self.ffn_name = "block_sparse_moe"
+            ffn: nn.Module = SparseMoeBlock(cfg)
+        else:
+            self.ffn_name = "mlp"
+            ffn = PhiMLP(cfg) if cfg.parallel_block else LlamaMLP(cfg)
+        self.add_module(self.ffn_name, ffn)
+        self.input_layernorm = make_norm(cfg)
+        self.parallel = cfg.parallel_block
+        if not self.parallel:
+            self.post_attention_layernorm = make_norm(cfg)
+        self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        ffn = self._modules[self.ffn_name]
+        if self.parallel:  # Phi: both branches read the same normed input, summed as transformers does
+            h = self.input_layernorm(x)
+            a, m = self.self_attn(h, cos, sin, mask, cache, input_pos), ffn(h)
+            if self.resid_pdrop and self.training:
+                a, m = F.dropout(a, self.resid_pdrop), F.dropout(m, self.resid_pdrop)
+            return a + m + x
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -200,9 +364,14 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        # `norm`, or `final_layernorm` in Phi: the checkpoint's name.
+        self.norm_name = "final_layernorm" if cfg.norm_type == "layer" else "norm"
+        self.add_module(self.norm_name, make_norm(cfg))
         self.rotary_emb = RotaryEmbedding(cfg)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.norm_name](x)
 
 
 class Llama(nn.Module):
@@ -217,7 +386,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.tie_weights()
         self.gradient_checkpointing = False
@@ -260,16 +429,53 @@ class Llama(nn.Module):
             mask = (keys <= slots[:, None])[None, None]
         if positions is None:
             positions = slots[None].expand(B, T)
+        window_mask = self._window_mask(mask, slots, n_keys)
 
         x = self.model.embed_tokens(input_ids)
+        cfg = self.config
+        if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the embedding dtype as HF does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.embd_pdrop and self.training:
+            x = F.dropout(x, cfg.embd_pdrop)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             cache = kv_caches[i] if kv_caches is not None else None
+            m = window_mask if layer.self_attn.sliding else mask
             if use_ckpt and cache is None:
                 # Non-reentrant: works with frozen inputs, LoRA params and 4-bit bases alike.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, m, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, input_pos)
-        x = self.model.norm(x)
+                x = layer(x, cos, sin, m, cache, input_pos)
+        x = self.model.final_norm(x)
         return x if hidden_only else self.lm_head(x)
+
+    def _window_mask(self, mask: torch.Tensor | None, slots: torch.Tensor,
+                     n_keys: int) -> torch.Tensor | None:
+        """The mask of the sliding-window layers: `mask` (or plain causal) and key > query - window.
+
+        A query at slot q sees slots q-window+1 .. q (window keys, itself included), as transformers'
+        sliding_window_overlay. Slots equal positions for the real tokens of a left- or right-padded
+        row, so the window counts real tokens. None when no layer slides or no key can fall outside.
+        """
+        w = self.config.sliding_window
+        if w is None or not any(layer.self_attn.sliding for layer in self.model.layers) or n_keys <= w:
+            return mask
+        keys = torch.arange(n_keys, device=slots.device)
+        inside = (keys > slots[:, None] - w)[None, None]  # (1, 1, T, S)
+        if mask is None:
+            mask = (keys <= slots[:, None])[None, None]
+        return mask & inside
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    def router_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The load-balancing loss of the last forward (Mixtral), unweighted: add
+        `config.router_aux_loss_coef * model.router_aux_loss(mask)` to the loss to use it."""
+        blocks = self.moe_blocks()
+        if not blocks or any(b.router_logits is None for b in blocks):
+            raise ValueError("router_aux_loss: the model has no mixture-of-experts layers, or no forward "
+                            "has run yet")
+        return load_balancing_loss([b.router_logits for b in blocks], self.config.num_experts_per_tok,
+                                   attention_mask)

@@ -4,6 +4,7 @@
     model = llama.from_pretrained(path, device="cuda", dtype=torch.bfloat16,
                                   linear_hook=quant.make_hook(qc))   # or quant.nf4(compute_dtype=...)
     print(quant.memory_report(model))
+    print(quant.estimate_memory(meta_skeleton, qc))                  # the same, from shapes only
     quant.save_quantized(model, "llama-7b-nf4", qc)
     with torch.device("meta"):
         skeleton = llama.Llama(cfg)
@@ -15,9 +16,9 @@ Imports none of our other packages (torch, bitsandbytes and safetensors only).
 from .apply import make_hook, nf4, quantize_model
 from .config import QuantConfig, QuantError
 from .linear import Linear4bit, dequantize, linear_4bit, to_4bit
-from .report import MemoryReport, memory_report
+from .report import MemoryReport, estimate_memory, memory_report
 from .saving import load_quantized, save_quantized
 
-__all__ = ["Linear4bit", "MemoryReport", "QuantConfig", "QuantError", "dequantize", "linear_4bit",
-           "load_quantized", "make_hook", "memory_report", "nf4", "quantize_model", "save_quantized",
-           "to_4bit"]
+__all__ = ["Linear4bit", "MemoryReport", "QuantConfig", "QuantError", "dequantize", "estimate_memory",
+           "linear_4bit", "load_quantized", "make_hook", "memory_report", "nf4", "quantize_model",
+           "save_quantized", "to_4bit"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import QuantConfig
+
 
 @dataclass(frozen=True)
 class MemoryReport:
@@ -74,6 +76,41 @@ def memory_report(model: nn.Module) -> MemoryReport:
         else:
             d_params += p.numel()
             d_bytes += nbytes(p)
+    return MemoryReport(q_params, q_bytes, stats, d_params, d_bytes, t_params, t_bytes)
+
+
+def estimate_memory(model: nn.Module, qc: QuantConfig) -> MemoryReport:
+    """The `memory_report` that quantising `model` with `qc` would give, from shapes alone.
+
+    Works on a meta-device skeleton (no weights, no memory), so the 4-bit footprint of a 47B-parameter
+    Mixtral can be stated without the checkpoint; LoRA injected into the skeleton counts as trainable.
+    Per selected linear of n weights in blocks of b: ceil(n/2) bytes of codes; statistics ceil(n/b)
+    absmax (uint8 with double quant, else fp32), the 16-entry fp32 code table and, with double quant,
+    ceil(n/b/256) fp32 second-level absmax, their 256-entry code table and one fp32 offset: what
+    bitsandbytes stores (checked against a real quantised model in the tests). Everything else counts
+    at its own dtype, as in `memory_report`.
+    """
+    # A LoRA adapter's own lora_A / lora_B linears are never quantised (the LoRA `base` linear is).
+    selected = {id(m.weight) for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and qc.selects(name)
+                and not name.rpartition(".")[2].startswith("lora_")}
+    q_params = q_bytes = stats = d_params = d_bytes = t_params = t_bytes = 0
+    for p in model.parameters():
+        n = p.numel()
+        if id(p) in selected:
+            blocks = -(-n // qc.blocksize)
+            q_params += n
+            q_bytes += -(-n // 2)
+            if qc.double_quant:
+                stats += 16 * 4 + blocks + 4 * -(-blocks // 256) + 256 * 4 + 4
+            else:
+                stats += 16 * 4 + 4 * blocks
+        elif p.requires_grad:
+            t_params += n
+            t_bytes += n * p.element_size()
+        else:
+            d_params += n
+            d_bytes += n * p.element_size()
     return MemoryReport(q_params, q_bytes, stats, d_params, d_bytes, t_params, t_bytes)
 
 

@@ -155,3 +155,91 @@ def to_legacy_config(config_path: Path, dtype: torch.dtype = torch.float32) -> N
     cfg.pop("head_dim", None)  # Llama-2's config.json has no head_dim
     cfg["transformers_version"] = "4.31.0"
     config_path.write_text(json.dumps(cfg, indent=2))
+
+
+# ---------------------------------------------------------------------- other families
+# Tiny configs with odd shapes: head counts that are not powers of two, GQA / MQA, Gemma's head_dim
+# independent of hidden/heads, Phi's partial rotary, windows shorter than the test sequences.
+_FAMILY_BASE: dict[str, Any] = dict(vocab_size=512, max_position_embeddings=256, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=None, num_hidden_layers=2)
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "mistral": dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2,
+                    sliding_window=8),
+    "mixtral": dict(hidden_size=48, intermediate_size=40, num_attention_heads=6, num_key_value_heads=3,
+                    num_local_experts=5, num_experts_per_tok=2, sliding_window=None),
+    "gemma": dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_key_value_heads=1,
+                  head_dim=32, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    "phi": dict(hidden_size=60, intermediate_size=120, num_attention_heads=5, num_key_value_heads=5,
+                partial_rotary_factor=0.5),
+    "qwen2": dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2),
+}
+FAMILY_CLASSES = {"mistral": "Mistral", "mixtral": "Mixtral", "gemma": "Gemma", "phi": "Phi",
+                  "qwen2": "Qwen2"}
+
+
+def hf_classes(family: str) -> tuple[Any, Any]:
+    """(config class, ForCausalLM class) of transformers for a family name."""
+    import transformers
+
+    stem = "Llama" if family == "llama" else FAMILY_CLASSES[family]
+    return getattr(transformers, f"{stem}Config"), getattr(transformers, f"{stem}ForCausalLM")
+
+
+def make_family_checkpoint(
+    out_dir: str | Path,
+    family: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    legacy_config: bool = False,
+    **overrides: Any,
+) -> Path:
+    """A random transformers `<Family>ForCausalLM` written by `save_pretrained` (see FAMILY_CONFIGS).
+
+    Norm weights, biases and the MoE router are widened from HF's tiny init so that a mistake in any
+    of them shows in the logits. `legacy_config=True` writes the transformers 4.x config.json shape.
+    """
+    config_cls, model_cls = hf_classes(family)
+    out_dir = Path(out_dir)
+    cfg = {**_FAMILY_BASE, **FAMILY_CONFIGS[family], **overrides}
+    partial = cfg.pop("partial_rotary_factor", None)
+    torch.manual_seed(seed)
+    config = config_cls(**cfg)
+    if partial is not None:
+        config.rope_parameters["partial_rotary_factor"] = partial
+    model = model_cls(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                # Gemma stores (weight - 1): around 0, the others around 1.
+                p.copy_(torch.rand(p.shape, generator=gen) - 0.5 + (family != "gemma"))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif ".gate." in name:  # the MoE router (not gate_proj)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)  # routing that is far from uniform
+    model = model.to(dtype)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    if legacy_config:
+        to_legacy_family_config(out_dir / "config.json", family, dtype)
+    return out_dir
+
+
+def to_legacy_family_config(config_path: Path, family: str, dtype: torch.dtype = torch.float32) -> None:
+    """The transformers 4.x config.json of a family: rope keys at the top level (Phi's
+    partial_rotary_factor too), torch_dtype, and Gemma's `hidden_act: gelu` + `hidden_activation`."""
+    new = json.loads(config_path.read_text())
+    to_legacy_config(config_path, dtype)
+    cfg = json.loads(config_path.read_text())
+    rope = new.get("rope_parameters") or {}
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if family == "gemma":  # what google/gemma-7b's config.json says (head_dim 256 is written there)
+        cfg["hidden_act"], cfg["hidden_activation"] = "gelu", None
+        cfg["head_dim"] = new["head_dim"]
+    if family == "qwen2":
+        cfg.pop("layer_types", None)  # 4.x derives them from use_sliding_window / max_window_layers
+    config_path.write_text(json.dumps(cfg, indent=2))

@@ -55,16 +55,15 @@ def test_old_type_key_and_eos_list():
 def test_mistral_without_sliding_window_is_accepted():
     cfg = LlamaConfig.from_hf(_tiny(architectures=["MistralForCausalLM"], model_type="mistral",
                                     sliding_window=None))
-    assert cfg.hidden_size == 64
+    assert cfg.hidden_size == 64 and cfg.model_type == "mistral" and not cfg.is_sliding(0)
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(architectures=["Qwen2ForCausalLM"]), ["Qwen2ForCausalLM", "not supported"]),
+    (dict(architectures=["Gemma2ForCausalLM"]), ["Gemma2ForCausalLM", "not supported", "PhiForCausalLM"]),
     (dict(architectures=[], model_type="gpt2"), ["gpt2", "not supported"]),
-    (dict(architectures=["MistralForCausalLM"], sliding_window=32), ["sliding_window=32"]),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["'yarn'", "not supported", "llama3"]),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["llama3", "low_freq_factor"]),
-    (dict(hidden_act="gelu"), ["gelu"]),
+    (dict(hidden_act="relu2"), ["relu2", "silu"]),
     (dict(num_key_value_heads=3), ["num_key_value_heads=3"]),
 ])
 def test_bad_configs_raise_one_clear_line(change, words):

@@ -179,7 +179,7 @@ BAD = {
     "missing-tensor": (_drop("model.layers.1.mlp.up_proj.weight"),
                        ["lacks 1 tensor", "model.layers.1.mlp.up_proj.weight"]),
     "unexpected-tensor": (_add("model.layers.0.extra.weight"),
-                          ["1 tensor(s) a Llama does not use", "model.layers.0.extra.weight"]),
+                          ["1 tensor(s) a llama model does not use", "model.layers.0.extra.weight"]),
     "wrong-shape": (lambda p: _edit_config(p, intermediate_size=96),
                     ["mlp.down_proj.weight", "[64, 128]", "expected [64, 96]", "model.safetensors"]),
     "too-few-layers-in-weights": (lambda p: _edit_config(p, num_hidden_layers=3),
