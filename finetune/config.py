@@ -107,6 +107,7 @@ class TrainConfig:
     ce_chunk_size: int = 1024
     resume: bool | str = False          # false | true | auto
     seed: int = 42
+    group_by_length: bool = False       # batch examples of similar length together (less padding)
 
 
 @dataclass

@@ -260,6 +260,8 @@ class DataPlan:
     world: int
     seed: int
     total_steps: int
+    lengths: list[int] | None = None  # tokens per example: padding report, and grouping when asked
+    group_by_length: bool = False
     _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -277,8 +279,36 @@ class DataPlan:
         ``seed + epoch`` convention)."""
         if epoch not in self._orders:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._orders = {epoch: torch.randperm(self.n_examples, generator=g).tolist()}
+            order = torch.randperm(self.n_examples, generator=g).tolist()
+            if self.group_by_length and self.lengths is not None:
+                order = self._grouped(order, g)
+            self._orders = {epoch: order}
         return self._orders[epoch]
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """The shuffled order regrouped so that each global batch holds examples of similar length.
+
+        As HF's LengthGroupedSampler: cut the shuffled order into mega-batches of 50 global batches,
+        sort each by length (longest first), cut into global batches and shuffle those (seeded), so
+        batches pad little yet the epoch is still a random walk over lengths. Still a function of
+        (seed, epoch, lengths) only, so resume replays it exactly."""
+        G, mega = self.global_batch, self.global_batch * 50
+        flat = [i for at in range(0, len(order), mega)
+                for i in sorted(order[at:at + mega], key=lambda i: -self.lengths[i])]
+        batches = [flat[at:at + G] for at in range(0, len(flat) - G + 1, G)]
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+
+    def padding_fraction(self, epoch: int = 0) -> float | None:
+        """Share of the micro-batch tokens of epoch ``epoch`` that are padding (None without lengths)."""
+        if self.lengths is None:
+            return None
+        real = padded = 0
+        for step in range(self.steps_per_epoch):
+            for rank in range(self.world):
+                for micro in self.window(epoch * self.steps_per_epoch + step, rank):
+                    sizes = [self.lengths[i] for i in micro]
+                    real, padded = real + sum(sizes), padded + max(sizes) * len(sizes)
+        return 1 - real / padded if padded else 0.0
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of the 0-based optimizer step ``step``."""
@@ -298,8 +328,10 @@ class DataPlan:
         return [mine[i * m:(i + 1) * m] for i in range(self.accumulation)]
 
 
-def make_plan(tc: TrainConfig, n_examples: int, world: int) -> DataPlan:
-    plan = DataPlan(n_examples, tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed, 0)
+def make_plan(tc: TrainConfig, n_examples: int, world: int, lengths: Sequence[int] | None = None) -> DataPlan:
+    """The data plan; ``lengths`` (tokens per example) are used when ``train.group_by_length``."""
+    plan = DataPlan(n_examples, tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed, 0,
+                    None if lengths is None else list(lengths), tc.group_by_length)
     if plan.steps_per_epoch < 1:
         raise UserError(f"the train split has {n_examples} examples, fewer than one optimizer step needs "
                         f"({world} rank(s) x train.micro_batch_size {tc.micro_batch_size} x "
@@ -442,10 +474,12 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     data = prepare(cfg.data, tok)
     say(data.stats.summary())
     pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
-    plan = make_plan(tc, len(data.train), di.world)
+    plan = make_plan(tc, len(data.train), di.world, [len(e.input_ids) for e in data.train])
+    padding = plan.padding_fraction()
     say(f"plan: {plan.total_steps} optimizer steps of {plan.global_batch} examples ({di.world} rank(s) x "
         f"{plan.micro_batch_size} x {plan.accumulation} accumulation); {plan.steps_per_epoch} steps per "
-        f"epoch of {plan.n_examples} examples")
+        f"epoch of {plan.n_examples} examples; {padding:.1%} of batch tokens are padding"
+        + (" (grouped by length)" if tc.group_by_length else ""))
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device
