@@ -1,8 +1,8 @@
 """The README's main command, shortened: configs/demo.yaml trains a few steps and eval.py scores it.
 
-Runs the real CLIs in child processes on the shipped demo model and data, exactly as scripts/demo
-does, with only the step count, the eval size and the output dir overridden — so the demo cannot
-silently rot.
+Runs the real CLIs in child processes on the real demo model (SmolLM2-135M-Instruct, fetched and
+converted by scripts/fetch_smollm2.py) and the shipped data, exactly as scripts/demo does, with only
+the step count, the eval size and the output dir overridden — so the demo cannot silently rot.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_demo_config_trains_and_scores_end_to_end(tmp_path):
-    assert (ROOT / "models/demo/model.safetensors").exists(), "the demo base model is committed"
+def test_demo_config_trains_and_scores_end_to_end(tmp_path, smollm2_dir):
+    assert smollm2_dir == ROOT / "models" / "SmolLM2-135M-Instruct"  # where configs/demo.yaml points
     out = tmp_path / "run"
     short = ["--set", f"train.output_dir={out}", "train.max_steps=3", "train.eval_steps=3",
              "train.save_steps=3", "train.logging_steps=1", "train.eval_max_batches=1"]
     r = _run("train.py", "configs/demo.yaml", "--no-progress", *short)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4-bit" in r.stdout and "trainable parameters" in r.stdout  # the memory report was printed
+    assert "(grouped by length)" in r.stdout
     assert (out / "final/adapter_model.safetensors").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 3
 

@@ -168,7 +168,7 @@ def test_demo_tokenizer_has_llama2_settings_and_equals_hf(rows: list[dict[str, s
     ours, hf = Tokenizer.from_pretrained(DEMO_DIR), LlamaTokenizer.from_pretrained(DEMO_DIR)
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (hf.bos_token_id, hf.eos_token_id, len(hf))
     prefix = [ours.sp.piece_to_id("▁")]  # the dummy-prefix piece
-    cfg = load_config(ROOT / "configs" / "demo.yaml", check_paths=False).data  # the demo template
+    cfg = load_config(ROOT / "configs" / "demo-toy.yaml", check_paths=False).data  # the toy's template
     for row in rows[:200]:
         prompt = format_prompt(cfg, row["input_text"])
         # a whole prompt + answer (it starts with the template, not a symbol): HF agrees token for token
