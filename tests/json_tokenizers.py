@@ -60,3 +60,21 @@ def write_sentencepiece_style(out: Path, tokenizer_dir: Path) -> Path:
     hf.save_pretrained(out)
     (out / "tokenizer.model").unlink(missing_ok=True)
     return out
+
+
+def write_qwen2_like(out: Path, vocab_size: int = 600) -> Path:
+    """Qwen2 / Phi conventions: byte-level BPE, no BOS at all, `<|endoftext|>` pads, `<|im_end|>` ends."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(hf_fixtures.italian_corpus(2000, seed=4), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.save_pretrained(out)
+    return out

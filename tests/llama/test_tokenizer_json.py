@@ -165,3 +165,11 @@ def test_error_vocabulary_larger_than_the_model(llama3_like, tmp_path: Path) -> 
     _one_line(d, f"has {n} tokens", f"vocab_size {n - 100}")
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": n + 64}))
     assert Tokenizer.from_pretrained(d).vocab_size == n  # a padded embedding is normal
+
+
+def test_qwen2_and_phi_style_tokenizer_without_bos(tmp_path: Path) -> None:
+    d = json_tokenizers.write_qwen2_like(tmp_path / "qwen2_like")
+    ours, hf = Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+    assert ours.bos_id is None and ours.bos_token is None and not ours.add_bos
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (2, 0)
+    _assert_same(ours, hf, CORPUS)
