@@ -118,6 +118,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 8
     stop_at_eos: bool = True
+    compute_loss: bool = True           # also the eval loss (one more forward over the split)
     output_dir: str | None = None
 
 

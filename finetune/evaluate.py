@@ -259,9 +259,10 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     pad = _pad_id(tok)
     _sync(device)
     t0 = time.perf_counter()
-    # the training loop's own eval loss: token-weighted CE over response tokens (+ EOS)
-    loss, loss_tokens = eval_loss(model, examples, pad, ev.batch_size, cfg.train.ce_chunk_size, device,
-                                  amp=lambda: autocast_for(cfg, device))
+    loss, loss_tokens = None, 0
+    if ev.compute_loss:  # the training loop's own eval loss: token-weighted CE over response tokens (+ EOS)
+        loss, loss_tokens = eval_loss(model, examples, pad, ev.batch_size, cfg.train.ce_chunk_size, device,
+                                      amp=lambda: autocast_for(cfg, device))
     _sync(device)
     loss_s = time.perf_counter() - t0
 
@@ -273,7 +274,8 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
         "generation": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
                        "stop_at_eos": ev.stop_at_eos, "decoding": "greedy"},
         **score(golds, predictions, inputs),
-        "loss": {"eval_loss": loss, "perplexity": M.perplexity(loss), "tokens": loss_tokens},
+        "loss": {"eval_loss": loss, "perplexity": None if loss is None else M.perplexity(loss),
+                 "tokens": loss_tokens},
         "timing": {"generate_s": gen_s, "per_example_s": gen_s / len(examples),
                    "generated_tokens": n_generated, "tokens_per_s": n_generated / gen_s if gen_s > 0 else 0.0,
                    "loss_s": loss_s},
