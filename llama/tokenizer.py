@@ -23,12 +23,13 @@ Replace(" ", "▁")) keeps the prefix and equals our ids on every input; we foll
 
 `tokenizer.json` backend. The file's own pipeline (normaliser, pre-tokenizer, BPE, decoder) runs in
 `tokenizers`, so ids equal `transformers.AutoTokenizer`'s on any text without special-token strings
-(tests/llama/test_tokenizer_json.py). Whether a sequence starts with BOS (or ends with EOS) follows
-the files as transformers does: `add_bos_token` / `add_eos_token` in tokenizer_config.json when
-present, else what the file's post-processor adds (Llama-3's adds `<|begin_of_text|>`, SmolLM2's
-nothing). `encode(text, bos=True)` means "this text starts a sequence": it adds BOS only for a
-tokenizer that adds one. Only BPE models are accepted: every Llama-family tokenizer is BPE, and a
-WordPiece or Unigram file means the wrong model directory.
+(tests/llama/test_tokenizer_json.py). Whether a sequence starts with BOS follows the files as
+transformers does: `add_bos_token` in tokenizer_config.json when present, else what the file's
+post-processor adds (Llama-3's adds `<|begin_of_text|>`, SmolLM2's nothing). `encode(text,
+bos=True)` means "this text starts a sequence": it adds BOS only for a tokenizer that adds one. EOS
+is only added on request (`eos=True`): the data pipeline ends each answer with it explicitly. Only
+BPE models are accepted: every Llama-family tokenizer is BPE, and a WordPiece or Unigram file means
+the wrong model directory.
 
 Special tokens. Names come from the tokenizer itself (SentencePiece's unk/bos/eos), then
 `tokenizer_config.json`, then `special_tokens_map.json` (the later file wins, as in transformers);
@@ -135,12 +136,12 @@ class Tokenizer:
     def __init__(self, sp: spm.SentencePieceProcessor | None, bos_id: int | None, eos_id: int,
                  unk_id: int | None, pad_id: int, added: dict[int, str] | None = None,
                  source: str = "<memory>", *, backend: _SentencePiece | _TokenizersJson | None = None,
-                 add_bos: bool = True, add_eos: bool = False, chat_template: str | None = None,
+                 add_bos: bool = True, chat_template: str | None = None,
                  stop_ids: Sequence[int] = ()) -> None:
         self.backend = backend if backend is not None else _SentencePiece(sp)
         self.sp = sp  # the SentencePiece processor, None for a tokenizer.json
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
-        self.add_bos, self.add_eos = add_bos and bos_id is not None, add_eos
+        self.add_bos = add_bos and bos_id is not None
         self.source = source
         self.chat_template = chat_template
         # Tokens beyond the SentencePiece vocabulary (e.g. a "[PAD]" added by a fine-tune).
@@ -314,11 +315,10 @@ def _from_json(json_file: Path, folder: Path | None) -> Tokenizer:
     probe_plain = hf.encode("a", add_special_tokens=False).ids
     probe = hf.encode("a", add_special_tokens=True).ids
     add_bos = bool(cfg.get("add_bos_token", len(probe) > len(probe_plain) and probe[0] == ids["bos_token"]))
-    add_eos = bool(cfg.get("add_eos_token", len(probe) > len(probe_plain) and probe[-1] == ids["eos_token"]))
     pad = next(i for i in (ids["pad_token"], ids["unk_token"], ids["eos_token"]) if i is not None)
     return Tokenizer(None, bos_id=ids["bos_token"], eos_id=ids["eos_token"], unk_id=ids["unk_token"],
                      pad_id=pad, added=added, source=str(json_file), backend=backend, add_bos=add_bos,
-                     add_eos=add_eos, chat_template=_chat_template(cfg, folder),
+                     chat_template=_chat_template(cfg, folder),
                      stop_ids=_generation_stop_ids(folder))
 
 
