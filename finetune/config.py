@@ -109,6 +109,7 @@ class TrainConfig:
     ce_chunk_size: int = 1024
     resume: bool | str = False          # false | true | auto
     seed: int = 42
+    compile: bool = False               # torch.compile each decoder layer (eager + a warning if unavailable)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class EvalConfig:
     batch_size: int = 8
     stop_at_eos: bool = True
     output_dir: str | None = None
+    dense: bool | str = "auto"          # generate from a dense merged copy: auto (if it fits) | true | false
+    compile: bool = False               # torch.compile the decode step (CUDA graphs on CUDA)
 
 
 @dataclass
@@ -290,6 +293,8 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
             raise bad(f"train.{key}", "must be >= 1 or null", getattr(t, key))
     if isinstance(t.resume, str) and t.resume != "auto":
         raise bad("train.resume", "must be true, false or auto", t.resume)
+    if isinstance(ev.dense, str) and ev.dense != "auto":
+        raise bad("eval.dense", "must be true, false or auto", ev.dense)
     if t.seed < 0:
         raise bad("train.seed", "must be >= 0", t.seed)
 

@@ -449,6 +449,11 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device
+    if tc.compile:
+        from finetune.compiling import compile_decoder_layers
+
+        if compile_decoder_layers(model, device):
+            say("compile: each decoder layer is compiled with torch.compile (the first steps compile)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tc, device)
