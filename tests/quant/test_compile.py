@@ -17,7 +17,7 @@ from torch import nn
 import llama
 import lora
 import quant
-from llama.generate import decode_step
+from llama.generate import _decode_one, decode_step
 
 CPU32 = quant.QuantConfig(compute_dtype=torch.float32)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
@@ -88,6 +88,14 @@ def test_no_graph_break_in_training_forward_with_checkpointing_and_in_decode_ste
     mask[1, :3] = 0
     with torch.no_grad():
         ex = torch._dynamo.explain(decode_step)(model, ids[:, :1], mask, caches, torch.tensor([12]))
+    assert ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+    assert ex.graph_count == 1
+    # ... and the step generate_ids compiles (fullgraph=True), on its precomputed tables
+    real = mask.bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ex = torch._dynamo.explain(_decode_one)(model, ids[:, :1], real, positions, torch.arange(16), caches,
+                                                torch.tensor([12]))
     assert ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
     assert ex.graph_count == 1
 
