@@ -108,6 +108,7 @@ class TrainConfig:
     resume: bool | str = False          # false | true | auto
     seed: int = 42
     group_by_length: bool = False       # batch examples of similar length together (less padding)
+    compile: bool = False               # torch.compile each decoder layer (eager + a warning if unavailable)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class EvalConfig:
     stop_at_eos: bool = True
     compute_loss: bool = True           # also the eval loss (one more forward over the split)
     output_dir: str | None = None
+    dense: bool | str = "auto"          # generate from a dense merged copy: auto (if it fits) | true | false
+    compile: bool = False               # torch.compile the decode step (CUDA graphs on CUDA)
 
 
 @dataclass
@@ -290,6 +293,8 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
             raise bad(f"train.{key}", "must be >= 1 or null", getattr(t, key))
     if isinstance(t.resume, str) and t.resume != "auto":
         raise bad("train.resume", "must be true, false or auto", t.resume)
+    if isinstance(ev.dense, str) and ev.dense != "auto":
+        raise bad("eval.dense", "must be true, false or auto", ev.dense)
     if t.seed < 0:
         raise bad("train.seed", "must be >= 0", t.seed)
 

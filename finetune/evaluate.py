@@ -168,11 +168,13 @@ def _sync(device: torch.device) -> None:
 def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      batch_size: int, stop_at_eos: bool = True, progress: bool = True,
                      amp: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], float]:
+                     compile: bool = False, stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], float]:
     """Greedy new token ids per prompt (EOS excluded) and the wall time of the generation.
 
     Prompts are sorted by length before batching so each left-padded batch wastes little compute; the
     answers come back in the input order. ``stop_at_eos=False`` always generates ``max_new_tokens``.
+    One ``generate_ids`` call for the whole split: every batch then shares one KV-cache length, so a
+    compiled decode step (``compile``) keeps its shapes from batch to batch.
     """
     from tqdm import tqdm
 
@@ -181,21 +183,13 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     device = _device_of(model)
     # EOS ids of the tokenizer and the model, and the template's end of turn (``<|im_end|>``)
     eos = sorted({tok.eos_id, *model.config.eos_token_ids, *stop_ids} - {None}) if stop_at_eos else []
-    pad = _pad_id(tok)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
     _sync(device)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress, file=sys.stderr) as bar:
-        for first in range(0, len(order), batch_size):
-            rows = order[first:first + batch_size]
-            with amp() if amp is not None else contextlib.nullcontext():
-                new = llama.generate_ids(model, [list(prompts[i]) for i in rows],
-                                         max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
-                                         batch_size=len(rows))
-            for i, ids in zip(rows, new):
-                out[i] = ids
-            bar.update(len(rows))
+        with amp() if amp is not None else contextlib.nullcontext():
+            out = llama.generate_ids(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                     eos_id=eos, pad_id=_pad_id(tok), batch_size=batch_size, compile=compile,
+                                     progress=bar.update)
     _sync(device)
     return out, time.perf_counter() - start
 
@@ -249,22 +243,39 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     device = _device_of(model)
     ev = cfg.eval
 
-    prompts = [ex.input_ids[:ex.prompt_len] for ex in examples]
-    new_ids, gen_s = generate_answers(model, tok, prompts, ev.max_new_tokens, ev.batch_size, ev.stop_at_eos,
-                                      progress, lambda: autocast_for(cfg, device),
-                                      stop_ids=templates.stop_ids(tok, cfg.data))
-    predictions = [tok.decode(ids) for ids in new_ids]
-    # tokens the decoder produced: the kept ones plus the EOS that ended a row early
-    n_generated = sum(len(ids) + (ev.stop_at_eos and len(ids) < ev.max_new_tokens) for ids in new_ids)
     pad = _pad_id(tok)
     _sync(device)
     t0 = time.perf_counter()
     loss, loss_tokens = None, 0
-    if ev.compute_loss:  # the training loop's own eval loss: token-weighted CE over response tokens (+ EOS)
+    if ev.compute_loss:  # the training loop's own eval loss: token-weighted CE over response tokens (+ EOS),
+        # on the weights exactly as trained (before any dense merge below)
         loss, loss_tokens = eval_loss(model, examples, pad, ev.batch_size, cfg.train.ce_chunk_size, device,
                                       amp=lambda: autocast_for(cfg, device))
     _sync(device)
     loss_s = time.perf_counter() - t0
+
+    from finetune.dense import maybe_densify
+
+    t0 = time.perf_counter()
+    dense = maybe_densify(model, ev.dense)
+    dense_s = time.perf_counter() - t0
+    compiled = False
+    if ev.compile:
+        from finetune.compiling import compiler_problem
+
+        problem = compiler_problem(device)
+        if problem is None:
+            compiled = True
+        else:
+            print(f"eval.compile: true, but torch.compile does not work on this machine ({problem}); "
+                  "decoding eager")
+    prompts = [ex.input_ids[:ex.prompt_len] for ex in examples]
+    new_ids, gen_s = generate_answers(model, tok, prompts, ev.max_new_tokens, ev.batch_size, ev.stop_at_eos,
+                                      progress, lambda: autocast_for(cfg, device), compile=compiled,
+                                      stop_ids=templates.stop_ids(tok, cfg.data))
+    predictions = [tok.decode(ids) for ids in new_ids]
+    # tokens the decoder produced: the kept ones plus the EOS that ended a row early
+    n_generated = sum(len(ids) + (ev.stop_at_eos and len(ids) < ev.max_new_tokens) for ids in new_ids)
 
     golds, inputs = zip(*(_gold_and_input(tok, ex) for ex in examples))
     result: dict[str, Any] = {
@@ -272,13 +283,15 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
         "split": ev.split, "limit": ev.limit, "n_examples": len(examples), "skipped": skipped,
         "truncated": sum(ex.truncated for ex in examples), "device": str(device),
         "generation": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
-                       "stop_at_eos": ev.stop_at_eos, "decoding": "greedy"},
+                       "stop_at_eos": ev.stop_at_eos, "decoding": "greedy", "dense": dense,
+                       "compiled": compiled},
         **score(golds, predictions, inputs),
         "loss": {"eval_loss": loss, "perplexity": None if loss is None else M.perplexity(loss),
                  "tokens": loss_tokens},
         "timing": {"generate_s": gen_s, "per_example_s": gen_s / len(examples),
                    "generated_tokens": n_generated, "tokens_per_s": n_generated / gen_s if gen_s > 0 else 0.0,
-                   "loss_s": loss_s},
+                   "loss_s": loss_s, "dense_s": dense_s, "examples_per_s": len(examples) / gen_s if gen_s > 0
+                   else 0.0},
     }
 
     out.mkdir(parents=True, exist_ok=True)

@@ -74,16 +74,21 @@ def chunked_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     inputs (HF convention): position t predicts ``labels[t + 1]``; ``-100`` carries no loss. Only
     target rows reach the LM head, ``chunk_size`` at a time, each in a non-reentrant checkpoint
     (its logits are recomputed in backward, never stored).
+
+    No host sync when ``labels`` are on the CPU (the collator's, as the loop passes them): which
+    rows are targets is worked out on the host, and only an index (pinned, copied asynchronously)
+    goes to the device, so the device never has to report a count or a boolean gather's size.
+    Labels on a GPU are first copied to the host (one sync; the loop never passes them so).
     """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]  # (N, H): only positions that predict a target
-    y = targets[keep]  # (N,)
-    n = int(y.numel())
+    targets = labels[:, 1:].reshape(-1).cpu()  # the collator's host tensor: .cpu() is a no-op
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # worked out on the host
+    n = int(rows.numel())
     if n == 0:  # keeps the graph connected (DDP expects every trainable parameter to get a gradient)
         return hidden.sum() * 0.0, 0
+    y = _to_device(targets.index_select(0, rows), hidden.device)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, _to_device(rows, hidden.device))
     total = None
-    for start in range(0, n, chunk_size):
+    for start in range(0, n, chunk_size):  # h: (N, H), only the rows that predict a target
         h_c, y_c = h[start:start + chunk_size], y[start:start + chunk_size]
         if torch.is_grad_enabled() and h_c.requires_grad:
             part = checkpoint(_ce_chunk, lm_head, h_c, y_c, use_reentrant=False)
@@ -91,6 +96,17 @@ def chunked_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
             part = _ce_chunk(lm_head, h_c, y_c)
         total = part if total is None else total + part
     return total, n
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: pinned, then an asynchronous copy.
+
+    A copy from ordinary (pageable) memory to a GPU waits for the GPU's queue to drain first, which
+    would stall the host once per micro-batch; from pinned memory it is queued like a kernel.
+    """
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -116,24 +132,25 @@ def window_backward(forward: Callable[..., torch.Tensor], lm_head: nn.Module,
     ranks) / N`` where N counts those tokens; DDP's averaging over ranks is undone by ``* world``.
     ``forward(ids, attention_mask=..., hidden_only=True)`` is the model (or its DDP wrapper).
     """
-    local = sum(count_targets(b) for b in batches)
-    count = torch.tensor([float(local)], device=device, dtype=torch.float64)
-    if world > 1:
+    local = sum(count_targets(b) for b in batches)  # host labels: no device involved
+    n_global = local
+    if world > 1:  # one round trip per window (not per micro-batch) to learn the global count
+        count = torch.tensor([float(local)], device=device, dtype=torch.float64)
         dist.all_reduce(count)
-    n_global = int(count.item())
+        n_global = int(count.item())
     scale = world / max(n_global, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     tokens = 0
     for i, batch in enumerate(batches):
-        ids = batch["input_ids"].to(device, non_blocking=True)
+        ids = _to_device(batch["input_ids"], device)
         mask = device_mask(batch["attention_mask"], device)
-        labels = batch["labels"].to(device, non_blocking=True)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["attention_mask"].sum())  # host tensors: counting them costs no sync
         sync = ddp is None or i == len(batches) - 1
         with (contextlib.nullcontext() if sync else ddp.no_sync()):
             with amp() if amp is not None else contextlib.nullcontext():
                 hidden = forward(ids, attention_mask=mask, hidden_only=True)
-                part, _ = chunked_ce_sum(lm_head, hidden, labels, ce_chunk_size)
+                # host labels: the target rows are chosen on the CPU (no device sync per micro-batch)
+                part, _ = chunked_ce_sum(lm_head, hidden, batch["labels"], ce_chunk_size)
             loss = part * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
@@ -146,7 +163,7 @@ def device_mask(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None
     Any mask rules out SDPA's flash kernel (and native GQA), so an unpadded batch (micro-batch 1,
     or equal lengths) runs without one. Checked on the CPU tensor from the collator: no device sync.
     """
-    return None if bool(mask.all()) else mask.to(device, non_blocking=True)
+    return None if bool(mask.all()) else _to_device(mask, device)
 
 
 @torch.no_grad()
@@ -165,9 +182,10 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
         for first in range(0, len(mine), batch_size):
             batch = collate(mine[first:first + batch_size], pad_id)
             with amp() if amp is not None else contextlib.nullcontext():
-                ids, mask = batch["input_ids"].to(device), device_mask(batch["attention_mask"], device)
+                ids = _to_device(batch["input_ids"], device)
+                mask = device_mask(batch["attention_mask"], device)
                 hidden = model(ids, attention_mask=mask, hidden_only=True)
-                part, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"].to(device), ce_chunk_size)
+                part, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"], ce_chunk_size)  # host labels
             total[0] += part.double()
             total[1] += n
     finally:
@@ -483,6 +501,11 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device
+    if tc.compile:
+        from finetune.compiling import compile_decoder_layers
+
+        if compile_decoder_layers(model, device):
+            say("compile: each decoder layer is compiled with torch.compile (the first steps compile)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tc, device)
@@ -599,12 +622,16 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
             if prec.scaler is not None:
                 prec.scaler.unscale_(optimizer)
             max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
             # one collective for the logged sums and the stop decision (all ranks stop at the same step)
-            sums = torch.tensor([float(ws.loss_sum), float(ws.tokens), float(stop.signum is not None)],
-                                device=device, dtype=torch.float64)
+            sums = torch.tensor([0.0, float(ws.tokens), float(stop.signum is not None)], device=device,
+                                dtype=torch.float64)
+            sums[0] += ws.loss_sum.double()
             if di.world > 1:
                 dist.all_reduce(sums)
+            # the step's single host sync: loss sum, tokens, stop flag and grad norm in one copy
+            sums = torch.cat([sums, norm_t.detach().double().reshape(1).to(device)]).cpu()
+            grad_norm = float(sums[3])
             loss = sums[0].item() / max(ws.target_tokens, 1)
             lr = optimizer.param_groups[0]["lr"]
             if not math.isfinite(loss) or (not math.isfinite(grad_norm) and prec.scaler is None):

@@ -198,7 +198,9 @@ class LlamaAttention(nn.Module):
             # times: (B, nkv, groups*T, hd) against (B, nkv, S, hd), the mask repeated over the fold.
             # Same products and sums; in decoding it spares a copy of the whole KV cache per layer.
             qf = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)
-            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask.repeat(1, 1, groups, 1), dropout_p=p)
+            # One query position (a decode step): its mask row broadcasts over the fold, no copy.
+            fold_mask = mask if T == 1 else mask.repeat(1, 1, groups, 1)
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=fold_mask, dropout_p=p)
             y = y.view(B, self.n_heads, T, self.head_dim)
         else:
             if groups > 1:
@@ -404,20 +406,26 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 hidden_only: bool = False, *, kv_caches: list[KVCache] | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the final-normed hidden states (B, T, H) if `hidden_only`.
 
         attention_mask: (B, T), 1 = real token, 0 = padding (HF meaning). With `kv_caches`, it spans
         all S cache slots (B, S) and `input_pos` (T,) gives the slots of `input_ids`.
         Without padding pass None: SDPA then runs causal flash attention (a mask rules flash out).
+        A ready 4-D boolean mask (B, 1, T, S) (True = may attend) is used as is, with `positions`
+        (B, T) the RoPE positions: generation builds both from tables made once per batch.
         """
         B, T = input_ids.shape
         slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
         if kv_caches is not None and input_pos is None:
             raise ValueError("kv_caches needs input_pos: the cache slots of input_ids")
         n_keys = kv_caches[0].k_cache.shape[2] if kv_caches is not None else T
-        mask = positions = None
-        if attention_mask is not None:
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if positions is None:
+                raise ValueError("a 4-D attention_mask needs positions: the RoPE positions of input_ids")
+            mask = attention_mask
+        elif attention_mask is not None:
             real = attention_mask.bool()
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, slots]  # (B, T)
             keys = torch.arange(n_keys, device=input_ids.device)

@@ -9,9 +9,20 @@ dequantise again + one matmul for the input gradient. The 16-bit weight is never
 (that would undo the memory saving), and the base gets no weight gradient (it is frozen).
 
 `linear_4bit` is the single function to replace with a fused dequant-matmul kernel later.
+
+Why the module keeps plain-tensor aliases of its storage (`Packed4bit`): `Params4bit` is a tensor
+subclass with its own `__torch_function__`, and torch.compile (dynamo) cannot trace the call that
+turns it back into a plain tensor (`as_subclass`), so every 4-bit linear used to be a graph break.
+The aliases share memory with the parameter and its quant state (nothing is copied); they are made
+when the module is built, rebuilt after `.to()`/`load_state_dict`, and checked in eager mode, so the
+traced region only sees plain tensors and bitsandbytes' own registered ops (which have fake
+implementations for tracing).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -37,6 +48,61 @@ def dequantize(weight: Params4bit | nn.Module, dtype: torch.dtype | None = None)
     return w if dtype is None else w.to(dtype)
 
 
+@dataclass(frozen=True)
+class Packed4bit:
+    """Plain tensors (aliases, no copies) and constants that dequantise one 4-bit weight.
+
+    `data` is the packed uint8 weight; `absmax` the per-block scales (fp32, or uint8 when double
+    quantised, in which case `absmax2`/`code2`/`offset` undo the second quantisation).
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    absmax2: torch.Tensor | None
+    code2: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    blocksize2: int
+    quant_type: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, weight: Params4bit) -> Packed4bit:
+        qs = weight.quant_state
+        if qs is None:
+            raise QuantError(f"the weight {tuple(weight.shape)} has no bitsandbytes quant_state; it is not a "
+                             "quantised 4-bit weight")
+        nested = bool(qs.nested)
+        return cls(data=weight.data, absmax=qs.absmax,  # .data: a plain-tensor alias of the packed bytes
+                   absmax2=qs.state2.absmax if nested else None, code2=qs.state2.code if nested else None,
+                   offset=torch.as_tensor(qs.offset, dtype=torch.float32, device=qs.absmax.device)
+                   if nested else None,
+                   blocksize=int(qs.blocksize), blocksize2=int(qs.state2.blocksize) if nested else 0,
+                   quant_type=str(qs.quant_type), shape=(int(qs.shape[0]), int(qs.shape[1])), dtype=qs.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense `[out, in]` weight, as `bitsandbytes.functional.dequantize_4bit` computes it.
+
+        The same two registered bitsandbytes ops that function calls, with the same arguments, so the
+        values are bit-identical (a test checks it); written out only so tracing sees plain tensors.
+        """
+        absmax = self.absmax
+        if self.absmax2 is not None:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax, self.absmax2, self.code2, self.blocksize2, torch.float32) + self.offset
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(self.data, absmax, self.blocksize, self.quant_type,
+                                                             list(self.shape), self.dtype)
+        return w if dtype is None or dtype == w.dtype else w.to(dtype)
+
+
+def _same_storage(packed: Packed4bit | None, weight: Any) -> bool:
+    """Whether `packed` still aliases `weight` and its current quant state (eager-mode check)."""
+    qs = getattr(weight, "quant_state", None)
+    return (packed is not None and qs is not None and packed.absmax is qs.absmax
+            and packed.data.data_ptr() == weight.data_ptr() and packed.data.device == weight.device)
+
+
 class _Dequant4bitLinear(torch.autograd.Function):
     """y = x W^T + b with W dequantised on the fly, in forward and again in backward.
 
@@ -45,13 +111,13 @@ class _Dequant4bitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None,  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None,  # noqa: ANN001
                 dtype: torch.dtype) -> torch.Tensor:
-        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.packed, ctx.dtype, ctx.x_dtype = packed, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # Autocast would re-cast inside; the dtype was already chosen by the caller.
         with torch.autocast(x.device.type, enabled=False):
-            w = dequantize(weight, dtype)
+            w = packed.dequantize(dtype)
             return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -60,16 +126,20 @@ class _Dequant4bitLinear(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.to(ctx.dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ dequantize(ctx.weight, ctx.dtype)).to(ctx.x_dtype)  # dL/dx = g W
+                grad_x = (g @ ctx.packed.dequantize(ctx.dtype)).to(ctx.x_dtype)  # dL/dx = g W
             if ctx.needs_input_grad[2]:
                 grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None
 
 
-def linear_4bit(x: torch.Tensor, weight: Params4bit, bias: torch.Tensor | None,
+def linear_4bit(x: torch.Tensor, weight: Params4bit | Packed4bit, bias: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
-    """x @ dequant(weight)^T + bias, computed and returned in `dtype`. Swap this for a fused kernel."""
-    return _Dequant4bitLinear.apply(x, weight, bias, dtype)
+    """x @ dequant(weight)^T + bias, computed and returned in `dtype`. Swap this for a fused kernel.
+
+    `weight` is a `Params4bit` (eager only) or its `Packed4bit` aliases (traceable by torch.compile).
+    """
+    packed = weight if isinstance(weight, Packed4bit) else Packed4bit.of(weight)
+    return _Dequant4bitLinear.apply(x, packed, bias, dtype)
 
 
 class Linear4bit(bnb.nn.Linear4bit):
@@ -95,15 +165,35 @@ class Linear4bit(bnb.nn.Linear4bit):
         m.quant_state = qs
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        m.refresh_packed()
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A module conversion that rebuilt the Parameter loses .quant_state; bnb restores it from the module.
+    def refresh_packed(self) -> None:
+        """(Re)build the plain-tensor aliases the forward computes with (see the module docstring)."""
         fix_4bit_weight_quant_state_from_module(self)
+        qs = getattr(self.weight, "quant_state", None)
+        # object.__setattr__: a plain attribute, not a buffer (it must not be moved, saved or broadcast).
+        object.__setattr__(self, "packed", Packed4bit.of(self.weight) if qs is not None else None)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 -- nn.Module's hook for .to()/.cuda()/...
+        out = super()._apply(fn, recurse)
+        self.refresh_packed()  # the move made a new Params4bit (and quant state): alias the new storage
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_packed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and not _same_storage(getattr(self, "packed", None),
+                                                                   self.weight):
+            # Eager safety net: a conversion that rebuilt the parameter (bnb restores a lost quant state
+            # from the module) or assigned a new one. Traced code trusts the aliases made here.
+            self.refresh_packed()
         dtype = self.compute_dtype or x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        return linear_4bit(x, self.weight, self.bias, dtype)
+        return linear_4bit(x, self.packed, self.bias, dtype)
 
     def extra_repr(self) -> str:
         qs = self.weight.quant_state

@@ -1,0 +1,105 @@
+"""Fast generation: finished rows stop costing, the host looks every k steps, results never change.
+
+Oracles: transformers' `generate` (greedy, several EOS ids), and our own generation of each prompt
+alone (no batch, no compaction). What is counted is real work: the batch size of each decode
+forward (a forward pre-hook on the model) and the device-to-host copies `tolist()` makes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import llama
+
+PROMPTS = [[1, 45, 300, 17, 9, 88, 120], [1, 5], [1, 400, 401, 402, 7], [1, 33, 34], [1, 7, 8, 9], [1, 250]]
+
+
+def hf_generate(ref: LlamaForCausalLM, prompts: list[list[int]], n: int, eos: list[int]) -> list[list[int]]:
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                           eos_token_id=eos)[:, P:].tolist()
+    return [row[:min((row.index(e) for e in eos if e in row), default=len(row))] for row in out]
+
+
+def early_eos(model: llama.Llama, n: int = 16) -> list[int]:
+    """Two ids that end some rows early and not others (the model's own greedy tokens)."""
+    free = llama.generate_ids(model, PROMPTS, max_new_tokens=n, eos_id=[])
+    firsts = [row[2] for row in free[:2]]  # rows 0 and 1 stop after two tokens
+    assert all(t not in row[:n // 2] for row in free[2:4] for t in firsts), "pick other ids"
+    return firsts
+
+
+def test_several_eos_ids_equal_transformers_and_finished_rows_stop_costing(tiny_model_dir):
+    model = llama.from_pretrained(tiny_model_dir)
+    ref = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    eos = early_eos(model)
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]) or None)
+    got = llama.generate_ids(model, PROMPTS, max_new_tokens=16, eos_id=eos, check_every=2)
+    hook.remove()
+    assert got == hf_generate(ref, PROMPTS, 16, eos)
+    assert got == [llama.generate_ids(model, [p], max_new_tokens=16, eos_id=eos)[0] for p in PROMPTS]
+    finished_early = sum(len(r) < 8 for r in got)
+    assert finished_early >= 2
+    # 6 rows: once at most 4 are running the batch becomes 4 (2, 1 later): the decode forwards shrink
+    assert sizes[0] == 6 and min(sizes) < 6 and sizes == sorted(sizes, reverse=True), sizes
+    assert sum(sizes[1:]) < 6 * (len(sizes) - 1)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8, 100])
+def test_results_do_not_depend_on_how_often_the_host_looks(tiny_model_dir, check_every):
+    model = llama.from_pretrained(tiny_model_dir)
+    eos = early_eos(model)
+    reference = llama.generate_ids(model, PROMPTS, max_new_tokens=12, eos_id=eos, check_every=1)
+    assert llama.generate_ids(model, PROMPTS, max_new_tokens=12, eos_id=eos, check_every=check_every) \
+        == reference
+    # stop_fn: asked about each prefix once, in order, whatever check_every is
+    free = llama.generate_ids(model, PROMPTS, max_new_tokens=12, eos_id=[])
+    target = free[3][4]
+
+    def run(k: int) -> tuple[list[list[int]], list[tuple[int, ...]]]:
+        asked: list[tuple[int, ...]] = []
+
+        def stop(new: list[int]) -> bool:
+            asked.append(tuple(new))
+            return new[-1] == target
+
+        return llama.generate_ids(model, PROMPTS, max_new_tokens=12, eos_id=[], stop_fn=stop,
+                                  check_every=k), asked
+
+    got, asked = run(check_every)
+    assert got[3] == free[3][:free[3].index(target) + 1]
+    for row, want in zip(got, free):
+        assert row == want[:len(row)]
+    per_step, asked_per_step = run(1)
+    assert got == per_step and sorted(asked) == sorted(asked_per_step)  # the same questions, once each
+
+
+def test_the_host_reads_the_device_only_every_k_steps(tiny_model_dir, monkeypatch):
+    model = llama.from_pretrained(tiny_model_dir)
+    calls = {"n": 0}
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor):  # noqa: ANN202 -- a spy: same result, counted
+        calls["n"] += 1
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    n, k = 32, 8
+    llama.generate_ids(model, PROMPTS, max_new_tokens=n, eos_id=[], check_every=k)
+    # one look every k steps, plus reading the result once
+    assert calls["n"] <= n // k + 1, calls
+    calls["n"] = 0
+    llama.generate_ids(model, PROMPTS, max_new_tokens=n, eos_id=[], check_every=1)
+    assert calls["n"] >= n - 1  # the probe does see per-step looks
+
+
+def test_check_every_must_be_positive(tiny_model_dir):
+    model = llama.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        llama.generate_ids(model, PROMPTS, check_every=0)
