@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +26,8 @@ from typing import Any
 
 import torch
 
+from finetune import files, preflight, report
 from finetune import metrics as M
-from finetune import report
 from finetune.config import RunConfig
 from finetune.data import Example, encode_example, load_rows, split_rows
 from finetune.errors import UserError
@@ -199,6 +198,16 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     return out, time.perf_counter() - start
 
 
+def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
+    """Read and check the adapter's files (types, whole tensors, finite values) without any model."""
+    import lora
+
+    try:
+        lora.read_adapter(adapter_dir)
+    except lora.LoRAError as e:
+        raise UserError(f"cannot use adapter {adapter_dir}: {e}") from None
+
+
 def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:
     """Base model (quantised as configured) + the adapter, strictly; a mismatch is a one-line UserError."""
     import lora
@@ -228,9 +237,7 @@ def score(golds: Sequence[str], predictions: Sequence[str], inputs: Sequence[str
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text_atomic(path, text, durable=False)  # exclusive temp file, never a planted symlink
 
 
 def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
@@ -242,9 +249,15 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     """
     model_path, adapter_dir = resolve_weights(cfg, adapter, baseline)
     out = resolve_output_dir(cfg, output_dir, baseline)
-    rows = select_rows(cfg)  # data errors surface before the (slow) model load
+    # everything that can fail in seconds fails before the (slow) model load and the generation:
+    files.check_writable_dir(out, "eval output dir")
+    if adapter_dir is not None:
+        check_adapter(cfg, adapter_dir)
+    preflight.check_max_length(cfg.data.max_length, model_path)
+    rows = select_rows(cfg)
     model, tok = load_for_eval(cfg, model_path, adapter_dir)
     examples, skipped = encode_rows(tok, cfg, rows)
+    preflight.check_token_ids(examples, model_path, cfg.data.path)
     device = _device_of(model)
     ev = cfg.eval
 
