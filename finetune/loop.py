@@ -422,8 +422,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         lock = RunLock(cfg.train.output_dir) if di.main else None
         with lock if lock is not None else contextlib.nullcontext():
             if lock is not None and lock.took_over:
-                print(f"took over the lock of a run that is no longer running ({lock.took_over.get('pid')} "
-                      f"on {lock.took_over.get('host')})", file=sys.stderr)
+                dead = lock.took_over
+                print(f"took over the lock of a run that is no longer running (pid {dead.get('pid')} on "
+                      f"{dead.get('host')})", flush=True)  # stdout: stderr is for the error line
             return _train(cfg, di, progress)
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C that aborts a step or a save
         good = ckpt.latest_checkpoint(cfg.train.output_dir)
