@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .inject import inject, linear_names, lora_modules, match_targets
+from .inject import compile_target_regex, inject, linear_names, lora_modules, match_targets
 from .layer import LoRAError, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -195,6 +195,8 @@ def _check_types(cfg: dict[str, Any], path: Path) -> None:
     if not (isinstance(targets, str) and targets) and not (
             isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise bad("target_modules", "a non-empty list of module names or a regex string")
+    if isinstance(targets, str) and targets != "all-linear":
+        compile_target_regex(targets)  # refuses a regex that could backtrack for hours
     if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
         raise bad("use_rslora", "true or false")
 
