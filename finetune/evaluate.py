@@ -199,13 +199,19 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
 
 
 def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
-    """Read and check the adapter's files (types, whole tensors, finite values) without any model."""
+    """Read and check the adapter's files (types, whole tensors, finite values, shapes against the base's
+    config.json) without loading any model."""
     import lora
 
     try:
-        lora.read_adapter(adapter_dir)
+        adapter_cfg, weights = lora.read_adapter(adapter_dir)
     except lora.LoRAError as e:
         raise UserError(f"cannot use adapter {adapter_dir}: {e}") from None
+    try:
+        preflight.check_adapter_shapes(weights, int(adapter_cfg["r"]), cfg.model.path)
+    except UserError as e:
+        raise UserError(f"cannot use adapter {adapter_dir} with the base model {cfg.model.path}: "
+                        f"{e}") from None
 
 
 def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:

@@ -123,3 +123,14 @@ def test_planted_symlinks_in_a_shared_output_folder_are_never_followed(good, tmp
     assert rc == 0, err
     assert outside.read_text() == "precious"
     assert not (out / "report.md").is_symlink() and (out / "report.md").read_text().startswith("# Evaluation")
+
+
+def test_adapter_for_another_model_size_fails_before_the_model_loads(good, tmp_path, capsys):
+    import hf_fixtures
+
+    wide = hf_fixtures.make_hf_checkpoint(tmp_path / "wide", hidden_size=96, num_attention_heads=4)
+    adapter = save_random_adapter(wide, tmp_path / "wide_adapter")
+    rc, out, err = run_cli([good["cfg"], "--adapter", adapter, "--output", tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "has shape [4, 96] but the model needs [4, 64] (from its config.json)" in err
+    assert "memory:" not in out

@@ -267,3 +267,38 @@ def test_csv_cell_longer_than_csv_default_limit_is_read(tmp_path):
     import csv
 
     assert csv.field_size_limit() == 131072  # the process-wide default is restored
+
+
+def test_read_only_output_folder_fails_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:  # root ignores permission bits, so only a read-only mount shows this
+        pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        cfg = run_config(tiny_model_dir, write_csv(tmp_path / "data.csv"), mnt / "run")
+        code, out, err = call(capsys, write_yaml(tmp_path / "run.yaml", cfg))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert code == 2
+    line = one_error_line(err)
+    assert f"cannot create train.output_dir {mnt / 'run'}: Read-only file system" in line, line
+    assert "data:" not in out and "memory:" not in out  # before the data, before the model
+
+
+def test_planted_symlinks_in_a_shared_run_folder_are_never_followed(tiny_model_dir, tmp_path, capsys):
+    config = short_run(tiny_model_dir, tmp_path)
+    assert call(capsys, config)[0] == 0
+    run = tmp_path / "run"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    planted = ["config.yaml.tmp", "metrics.jsonl.tmp", f".tmp-config.yaml.{os.getpid()}",
+               "checkpoints/latest.tmp", "final/adapter_config.json.tmp",
+               "final/adapter_model.safetensors.tmp"]
+    for name in planted:
+        (run / name).symlink_to(outside)
+    code, _, err = call(capsys, config, "--resume", "--set", "train.max_steps=4")
+    assert code == 0, err
+    assert outside.read_text() == "precious"
+    assert not (run / "config.yaml").is_symlink() and "max_steps: 4" in (run / "config.yaml").read_text()
