@@ -296,6 +296,19 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
                    "loss_s": loss_s},
     }
 
+    try:
+        return _write_outputs(result, out, examples, predictions, golds, inputs, new_ids, adapter_dir)
+    except OSError as e:  # the scores exist: show them rather than lose minutes of generation
+        e_ = result["entities"]
+        raise UserError(f"could not write the evaluation files to {out}: {files.describe_os_error(e)}; free "
+                        f"space or pass another --output (scores of this run: micro F1 "
+                        f"{100 * e_['f1']:.2f}%, precision {100 * e_['precision']:.2f}%, recall "
+                        f"{100 * e_['recall']:.2f}%)") from None
+
+
+def _write_outputs(result: dict[str, Any], out: Path, examples: Sequence[Example], predictions: Sequence[str],
+                   golds: Sequence[str], inputs: Sequence[str], new_ids: Sequence[Sequence[int]],
+                   adapter_dir: Path | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (ex, pred, gold, source) in enumerate(zip(examples, predictions, golds, inputs)):

@@ -534,7 +534,8 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
                       "free space or fix the folder's permissions")
 
     if di.main:  # metrics.jsonl = the history of the checkpoint (lines logged after it are dropped)
-        ckpt.write_text_atomic(out / METRICS_FILE, "".join(_json_line(r) for r in history))
+        files.guarded(lambda: ckpt.write_text_atomic(out / METRICS_FILE, "".join(map(_json_line, history))),
+                      f"write {out / METRICS_FILE}", "free space or fix the folder's permissions")
 
     writer = None
     if di.main:

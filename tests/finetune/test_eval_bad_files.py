@@ -134,3 +134,25 @@ def test_adapter_for_another_model_size_fails_before_the_model_loads(good, tmp_p
     assert rc == 2 and err.count("\n") == 1, err
     assert "has shape [4, 96] but the model needs [4, 64] (from its config.json)" in err
     assert "memory:" not in out
+
+
+def test_disk_full_after_generation_keeps_the_scores_in_the_message(good, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from finetune import files
+
+    real = files.write_bytes_atomic
+
+    def full(path, data, durable=True):  # the writer hitting a full disk at the first output file
+        if Path(path).name == "predictions.jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data, durable)
+
+    monkeypatch.setattr(files, "write_bytes_atomic", full)
+    args = [good["cfg"], "--adapter", good["adapter"], "--output", tmp_path / "o", "--limit", "2"]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"could not write the evaluation files to {tmp_path / 'o'}: the disk is full" in err
+    assert "scores of this run: micro F1" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == []  # no temp file left behind
