@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides=overrides)
         result = train(cfg, progress=not args.no_progress)
-    except KeyboardInterrupt:  # before the loop's own handler is installed (loading, tokenising)
-        print("interrupted before training started; nothing saved", file=sys.stderr)
+    except KeyboardInterrupt as e:  # outside the loop's save-and-exit path (loading; a second Ctrl-C)
+        print(str(e) or "interrupted before training started; nothing saved", file=sys.stderr)
         return 130
     except Exception as e:
         if not is_user_error(e):

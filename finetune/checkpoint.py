@@ -5,7 +5,8 @@ Layout under ``<output_dir>/checkpoints/``::
     step-N/                       one complete checkpoint (a PEFT adapter or model.safetensors,
                                   trainer_state.pt, checkpoint.json)
     latest                        text file naming the newest complete checkpoint ("step-N")
-    .tmp-step-N.<pid>/            a checkpoint being written (never read; removed on the next start)
+    .tmp-step-N.<pid>.<rand>/     a checkpoint being written (never read; removed on the next start,
+                                  which holds the run lock: see finetune.runlock)
 
 Atomicity: everything is written into a temporary directory next to its final place, every file and
 the directory are fsync'ed, and only then is the directory renamed to ``step-N`` (``os.rename`` of a
@@ -15,8 +16,14 @@ either no ``step-N`` or a complete one. ``latest`` is a hint written the same wa
 
 Trainer state (optimizer, scheduler, scaler, RNG states, data position, metrics history) is stored
 with ``torch.save`` and read with ``torch.load(weights_only=True)``: the file only holds tensors and
-plain Python containers, so the restricted unpickler suffices and a tampered file cannot run code.
-(Model weights never travel through pickle at all: they are safetensors.)
+plain Python containers, so the restricted unpickler suffices and a tampered file cannot run code
+(on torch >= 2.6: older versions' restricted loader can be bypassed, CVE-2025-32434, so they are
+refused). Model weights never travel through pickle at all: they are safetensors.
+
+A failed save (disk full, I/O error) removes its temporary directory and raises ``SaveFailed``; the
+complete checkpoints and ``latest`` are untouched. A resume takes the newest checkpoint that
+*verifies* (``choose_checkpoint``: trainer state readable, adapter files whole, typed and finite) and
+names each one it skips.
 
 Also here: the run-directory policy (``plan_run_dir``: never clobber a run unless resuming) and the
 weights a checkpoint holds (``save_weights``/``load_weights``: a PEFT adapter, or ``model.safetensors``
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -37,7 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune import files
 from finetune.errors import UserError
+from finetune.files import fsync_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,31 +88,26 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and every directory (so their entries are durable too)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory + fsync + ``os.replace``: readers see the old or the new text."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    """Exclusive temp file in the same directory + fsync + ``os.replace`` (see ``finetune.files``)."""
+    files.write_text_atomic(path, text)
+
+
+class SaveFailed(UserError):
+    """Writing a checkpoint (or ``final/``) failed: disk full, I/O error. Nothing complete was touched."""
+
+
+def _last_good(output_dir: str | os.PathLike) -> str:
+    good = latest_checkpoint(output_dir)
+    return f"the last complete checkpoint is {good.path}" if good else "there is no complete checkpoint yet"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
@@ -110,29 +115,55 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
     """Write checkpoint ``step-<step>`` atomically; ``write(tmp_dir)`` puts the files in.
 
     Returns the final directory. An existing ``step-<step>`` (e.g. re-saving the same step after a
-    resume) is replaced only once the new one is complete.
+    resume) is replaced only once the new one is complete. A failed write (``OSError``: disk full,
+    I/O error; or torch's ``RuntimeError`` wrapping one) removes the temporary directory and raises
+    ``SaveFailed`` naming the last complete checkpoint, which, like ``latest``, is left as it was.
     """
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f"{_TMP_PREFIX}step-{step}.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    fault_point("save", step)  # the test hook: killed here, the temp dir is half written
-    (tmp / INFO_FILE).write_text(json.dumps({"step": step, **(info or {})}, indent=2) + "\n")
-    _fsync_tree(tmp)
-    if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
-        old = root / f"{_TMP_PREFIX}old-step-{step}.{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(root)
-    write_text_atomic(root / LATEST, f"{final.name}\n")
+    tmp: Path | None = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = files.make_temp_dir(root, f"step-{step}")
+        write(tmp)
+        fault_point("save", step)  # the test hook: killed here, the temp dir is half written
+        files.write_text_atomic(tmp / INFO_FILE, json.dumps({"step": step, **(info or {})}, indent=2) + "\n",
+                                durable=False)
+        _fsync_tree(tmp)
+        if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
+            old = root / f"{_TMP_PREFIX}old-step-{step}.{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        tmp = None
+        fsync_path(root)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_io_error(e):
+            raise
+        if tmp is not None:
+            files.remove_path(tmp)
+        raise SaveFailed(f"could not save checkpoint {final}: {_io_reason(e)}; the partial files were "
+                         f"removed and {_last_good(output_dir)} (checkpoints/latest unchanged); free "
+                         f"space or fix the disk, then continue with --resume") from e
+    try:
+        write_text_atomic(root / LATEST, f"{final.name}\n")
+    except OSError:
+        pass  # `latest` is a hint: the newest complete step-N wins anyway (latest_checkpoint)
     return final
+
+
+def _is_io_error(e: BaseException) -> bool:
+    """torch.save reports a failed write as RuntimeError('... file write failed'), not OSError."""
+    text = str(e).lower()
+    return any(word in text for word in ("write failed", "no space", "i/o error", "errno"))
+
+
+def _io_reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return files.describe_os_error(e)
+    return "the write failed (" + " ".join(str(e).split())[:200] + ")"
 
 
 def is_complete(path: Path) -> bool:
@@ -177,16 +208,15 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> CheckpointInfo | None:
 
 
 def clean_temp(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove leftovers of interrupted saves (``.tmp-*``); returns what was removed."""
-    root = checkpoints_dir(output_dir)
+    """Remove leftovers of interrupted saves (``.tmp-*`` in the run dir and its checkpoints/); returns
+    what was removed. Only safe under the run lock: another live run's temp dirs look the same."""
     removed = []
-    if root.is_dir():
+    for root in (checkpoints_dir(output_dir), Path(output_dir)):
+        if not root.is_dir():
+            continue
         for path in root.iterdir():
             if path.name.startswith(_TMP_PREFIX):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+                files.remove_path(path)  # a symlink is unlinked, never followed
                 removed.append(path)
     return removed
 
@@ -256,39 +286,155 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
-    torch.save(state, path)
+    """``torch.save`` into memory, then our exclusive-temp-file writer: a full disk is a plain OSError
+    (torch's own file writer reports it as an opaque RuntimeError) and nothing half-written remains."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    files.write_bytes_atomic(path, buf.getvalue(), durable=False)  # the checkpoint dir is fsync'ed whole
+
+
+# weights_only=True is a real sandbox only from torch 2.6 on (CVE-2025-32434 bypasses it before).
+MIN_SAFE_TORCH = (2, 6)
+
+
+def _torch_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    """Read ``trainer_state.pt`` with the restricted unpickler (tensors and plain containers only)."""
+    """Read ``trainer_state.pt`` with the restricted unpickler (tensors and plain containers only).
+
+    Refuses to unpickle at all on torch < 2.6, whose ``weights_only`` loader can be made to run code.
+    """
+    if _torch_version() < MIN_SAFE_TORCH:
+        raise UserError(f"torch {torch.__version__} cannot read {path} safely: its weights_only loader "
+                        f"can be bypassed (CVE-2025-32434); upgrade to torch >= 2.6")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a state we wrote
-        raise UserError(f"cannot read the trainer state {path}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}; resume from another checkpoint "
-                        f"or start a new train.output_dir") from None
+    except pickle.UnpicklingError:
+        # torch's own text goes on to suggest weights_only=False: never repeat that for a file we read
+        raise UserError(f"cannot read the trainer state {path}: it holds objects other than tensors and "
+                        f"plain containers, so this tool did not write it (or it was tampered with); "
+                        f"it is never unpickled in full") from None
+    except Exception as e:  # noqa: BLE001 -- any other failure means the file is truncated or corrupt
+        # torch's load errors may advise weights_only=False; that advice is never passed on
+        first = "" if "weights_only" in str(e) else (str(e).splitlines() or [""])[0][:160]
+        raise UserError(f"cannot read the trainer state {path}: it is truncated or corrupt "
+                        f"({type(e).__name__}: {first})") from None
+
+
+STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "metrics", "elapsed")
+
+
+def verify_checkpoint(c: CheckpointInfo, cfg: RunConfig) -> dict[str, Any]:
+    """Read everything a resume needs from checkpoint ``c`` without touching a model; its trainer state.
+
+    Raises ``UserError`` naming the file when a file is missing, truncated, corrupt or of the wrong
+    kind (a checkpoint that does not verify is skipped by ``choose_checkpoint``).
+    """
+    state = load_trainer_state(c.path / STATE_FILE)
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"the trainer state {c.path / STATE_FILE} lacks {', '.join(missing)}")
+    if state["step"] != c.step:
+        raise UserError(f"the trainer state {c.path / STATE_FILE} is for step {state['step']}, not {c.step}")
+    if cfg.lora.enabled:
+        import lora
+
+        lora.read_adapter(c.path)  # config types, tensor dtypes, truncation, NaN/inf
+    else:
+        read_safetensors(c.path / "model.safetensors")
+    return state
+
+
+def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
+                      warn: Callable[[str], None]) -> tuple[CheckpointInfo, dict[str, Any]]:
+    """The newest checkpoint that verifies, and its trainer state; skipped ones are named via ``warn``.
+
+    ``latest`` is tried first (it may only lag behind the newest step-N), then every other complete
+    checkpoint from the newest down. None verifying is a ``UserError`` listing why.
+    """
+    found = list_checkpoints(output_dir)
+    first = latest_checkpoint(output_dir)
+    order = ([first] if first else []) + [c for c in reversed(found) if first is None or c.step != first.step]
+    problems = []
+    for c in order:
+        try:
+            state = verify_checkpoint(c, cfg)
+        except (UserError, ValueError) as e:
+            problems.append(f"{c.path.name}: {e}")
+            warn(f"skipping checkpoint {c.path}: it does not verify ({e})")
+            continue
+        return c, state
+    raise UserError(f"no checkpoint in {checkpoints_dir(output_dir)} verifies ({'; '.join(problems)}); "
+                    "start a new train.output_dir (the files there are left as they are)")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or one ``UserError`` line (missing, truncated, not safetensors)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for a damaged file
+        raise UserError(f"{path} is truncated or not a safetensors file ({' '.join(str(e).split())[:160]})"
+                        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
 # run directories and the weights inside checkpoints
 
 
+# What a run writes before its first checkpoint: a folder holding only these never saved anything that
+# a restart could lose (its metrics.jsonl is the log of steps no checkpoint kept).
+RUN_LEFTOVERS = {"config.yaml", "metrics.jsonl", "plots", "tensorboard", ".lock", CHECKPOINTS}
+
+
+def is_restartable(output_dir: Path) -> bool:
+    """True when ``output_dir`` holds only the leftovers of a run that died before its first checkpoint."""
+    if list_checkpoints(output_dir) or (output_dir / "final").exists():
+        return False
+    entries = {p.name for p in output_dir.iterdir()}
+    if not all(n in RUN_LEFTOVERS or n.startswith(_TMP_PREFIX) for n in entries):
+        return False
+    root = checkpoints_dir(output_dir)
+    return not root.is_dir() or all(p.name == LATEST or p.name.startswith(_TMP_PREFIX) or
+                                    (_STEP_DIR.fullmatch(p.name) and p.is_dir() and not any(p.iterdir()))
+                                    for p in root.iterdir())
+
+
 def plan_run_dir(output_dir: Path, resume: bool | str) -> CheckpointInfo | None:
-    """The checkpoint to resume from (None = fresh start); refuse to clobber an existing run."""
+    """The checkpoint to resume from (None = start at step 0); refuse to clobber an existing run.
+
+    A folder left by a run that died before its first checkpoint (divergence, OOM, SIGKILL, a second
+    Ctrl-C) restarts without any flag: it holds nothing a restart could lose. ``--resume`` there says
+    that there is nothing to resume.
+    """
     latest = latest_checkpoint(output_dir)
     if resume is False:
-        if output_dir.is_dir() and any(output_dir.iterdir()):
+        if output_dir.is_dir() and any(output_dir.iterdir()) and not is_restartable(output_dir):
             raise UserError(f"train.output_dir {output_dir} already holds a run; pass --resume (or set "
                             "train.resume: auto) to continue it, or choose a new train.output_dir")
         return None
     if latest is not None:
         return latest
     if resume is True:
-        raise UserError(f"--resume: no complete checkpoint in {output_dir / CHECKPOINTS}; drop --resume "
-                        "to start a new run there")
+        started = output_dir.is_dir() and any(output_dir.iterdir())
+        why = " (the run there stopped before its first checkpoint)" if started else ""
+        raise UserError(f"--resume: no complete checkpoint in {output_dir / CHECKPOINTS}{why}; drop --resume "
+                        "to start the run there from step 0")
     if (output_dir / "final").exists():  # resume: auto, a finished run without checkpoints
         raise UserError(f"train.output_dir {output_dir} holds a finished run (final/) and no checkpoint to "
                         "resume; choose a new train.output_dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_restartable(output_dir):
+        raise UserError(f"train.output_dir {output_dir} holds files that are not a run's; choose a new "
+                        "train.output_dir")
     return None
 
 
@@ -307,9 +453,10 @@ def save_weights(model: nn.Module, out_dir: Path, cfg: RunConfig) -> None:
 
         lora.save_adapter(model, out_dir, base_model_name_or_path=cfg.model.path)
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(_state_dict_to_save(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        data = save(_state_dict_to_save(model), metadata={"format": "pt"})  # bytes: our writer reports ENOSPC
+        files.write_bytes_atomic(out_dir / "model.safetensors", data, durable=False)
 
 
 def load_weights(model: nn.Module, ckpt_dir: Path, cfg: RunConfig) -> None:
@@ -318,9 +465,7 @@ def load_weights(model: nn.Module, ckpt_dir: Path, cfg: RunConfig) -> None:
 
         lora.load_adapter(model, ckpt_dir)
         return
-    from safetensors.torch import load_file
-
-    sd = load_file(str(ckpt_dir / "model.safetensors"))
+    sd = read_safetensors(ckpt_dir / "model.safetensors")
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
@@ -330,27 +475,35 @@ def load_weights(model: nn.Module, ckpt_dir: Path, cfg: RunConfig) -> None:
 
 
 def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
-    """``<output_dir>/final``: the adapter (or, for full training, a loadable HF model directory)."""
-    import shutil
+    """``<output_dir>/final``: the adapter (or, for full training, a loadable HF model directory).
 
+    Written into an exclusive temporary folder and renamed; a failed write removes that folder and
+    raises ``SaveFailed`` (the checkpoints, including the one just saved, are untouched).
+    """
     final = out / "final"
-    tmp = out / f".tmp-final.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp, cfg)
-    if not cfg.lora.enabled:  # make final/ a model dir: config + tokenizer next to the weights
-        src = Path(cfg.model.path)
-        for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                     "special_tokens_map.json", "tokenizer.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-    _fsync_tree(tmp)
-    if final.exists():
-        old = out / f".tmp-final-old.{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    tmp: Path | None = None
+    try:
+        tmp = files.make_temp_dir(out, "final")
+        save_weights(model, tmp, cfg)
+        if not cfg.lora.enabled:  # make final/ a model dir: config + tokenizer next to the weights
+            src = Path(cfg.model.path)
+            for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                         "special_tokens_map.json", "tokenizer.json"):
+                if (src / name).is_file():
+                    files.write_bytes_atomic(tmp / name, (src / name).read_bytes(), durable=False)
+        _fsync_tree(tmp)
+        if final.exists():
+            old = out / f"{_TMP_PREFIX}final-old.{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        tmp = None
+    except OSError as e:
+        if tmp is not None:
+            files.remove_path(tmp)
+        raise SaveFailed(f"could not write {final}: {files.describe_os_error(e)}; the partial folder was "
+                         f"removed and {_last_good(out)}; free space, then run again with --resume to "
+                         f"write final/ from it") from e
     return final

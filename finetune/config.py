@@ -315,11 +315,11 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (absolute paths, every default spelled out) as YAML; reloadable."""
+    from finetune.files import write_text_atomic  # exclusive temp file: never follows a planted symlink
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import ast
 import csv
 import io
 import json
+import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -179,6 +180,9 @@ def _read_utf8(path: Path) -> str:
 def _csv_records(text: str, path: Path):
     # Windows line ends also appear inside quoted multi-line cells; a model should see "\n" there too
     reader = csv.DictReader(io.StringIO(text.replace("\r\n", "\n"), newline=""))
+    # csv's default cell limit (131,072 characters) would reject a long email; the file is in memory
+    # already, so a cell can be as long as the file (restored afterwards: the limit is process-wide)
+    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))
     try:
         header = reader.fieldnames
         if not header:
@@ -194,6 +198,8 @@ def _csv_records(text: str, path: Path):
             start = reader.line_num + 1
     except csv.Error as e:
         raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def _jsonl_records(text: str, path: Path):
@@ -274,6 +280,9 @@ def _as_text(value: Any, column: str) -> str:
         return ""
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity: never train "nan"
+        raise ValueError(f"column '{column}' holds {value} (a JSON NaN/Infinity, usually a missing value "
+                         f"from a dataframe export); write text there, or an empty string to skip the row")
     if isinstance(value, (int, float)):
         return str(value)
     raise ValueError(f"column '{column}' must hold text, got {type(value).__name__}")

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +26,8 @@ from typing import Any
 
 import torch
 
+from finetune import files, preflight, report, templates
 from finetune import metrics as M
-from finetune import report, templates
 from finetune.config import RunConfig
 from finetune.data import Example, encode_example, load_rows, split_rows
 from finetune.errors import UserError
@@ -194,6 +193,22 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     return out, time.perf_counter() - start
 
 
+def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
+    """Read and check the adapter's files (types, whole tensors, finite values, shapes against the base's
+    config.json) without loading any model."""
+    import lora
+
+    try:
+        adapter_cfg, weights = lora.read_adapter(adapter_dir)
+    except lora.LoRAError as e:
+        raise UserError(f"cannot use adapter {adapter_dir}: {e}") from None
+    try:
+        preflight.check_adapter_shapes(weights, int(adapter_cfg["r"]), cfg.model.path)
+    except UserError as e:
+        raise UserError(f"cannot use adapter {adapter_dir} with the base model {cfg.model.path}: "
+                        f"{e}") from None
+
+
 def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:
     """Base model (quantised as configured) + the adapter, strictly; a mismatch is a one-line UserError."""
     import lora
@@ -223,9 +238,7 @@ def score(golds: Sequence[str], predictions: Sequence[str], inputs: Sequence[str
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text_atomic(path, text, durable=False)  # exclusive temp file, never a planted symlink
 
 
 def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
@@ -237,9 +250,15 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     """
     model_path, adapter_dir = resolve_weights(cfg, adapter, baseline)
     out = resolve_output_dir(cfg, output_dir, baseline)
-    rows = select_rows(cfg)  # data errors surface before the (slow) model load
+    # everything that can fail in seconds fails before the (slow) model load and the generation:
+    files.check_writable_dir(out, "eval output dir")
+    if adapter_dir is not None:
+        check_adapter(cfg, adapter_dir)
+    preflight.check_max_length(cfg.data.max_length, model_path)
+    rows = select_rows(cfg)
     model, tok = load_for_eval(cfg, model_path, adapter_dir)
     examples, skipped = encode_rows(tok, cfg, rows)
+    preflight.check_token_ids(examples, model_path, cfg.data.path)
     device = _device_of(model)
     ev = cfg.eval
 
@@ -294,6 +313,19 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
                    else 0.0},
     }
 
+    try:
+        return _write_outputs(result, out, examples, predictions, golds, inputs, new_ids, adapter_dir)
+    except OSError as e:  # the scores exist: show them rather than lose minutes of generation
+        e_ = result["entities"]
+        raise UserError(f"could not write the evaluation files to {out}: {files.describe_os_error(e)}; free "
+                        f"space or pass another --output (scores of this run: micro F1 "
+                        f"{100 * e_['f1']:.2f}%, precision {100 * e_['precision']:.2f}%, recall "
+                        f"{100 * e_['recall']:.2f}%)") from None
+
+
+def _write_outputs(result: dict[str, Any], out: Path, examples: Sequence[Example], predictions: Sequence[str],
+                   golds: Sequence[str], inputs: Sequence[str], new_ids: Sequence[Sequence[int]],
+                   adapter_dir: Path | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (ex, pred, gold, source) in enumerate(zip(examples, predictions, golds, inputs)):

@@ -46,11 +46,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from finetune import checkpoint as ckpt
+from finetune import files, preflight
 from finetune.config import RunConfig, TrainConfig, save_config
 from finetune.data import IGNORE_INDEX, Example, collate, prepare
 from finetune.errors import UserError
+from finetune.runlock import RunLock
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT outside the save-and-exit path; ``str()`` says what was kept and how to continue."""
 
 
 class TrainingDiverged(UserError):
@@ -462,7 +468,19 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     """
     di = init_distributed(cfg.model.device)
     try:
-        return _train(cfg, di, progress)
+        # rank 0 owns the run folder for the whole run: a second run into it is refused (exit 2)
+        lock = RunLock(cfg.train.output_dir) if di.main else None
+        with lock if lock is not None else contextlib.nullcontext():
+            if lock is not None and lock.took_over:
+                dead = lock.took_over
+                print(f"took over the lock of a run that is no longer running (pid {dead.get('pid')} on "
+                      f"{dead.get('host')})", flush=True)  # stdout: stderr is for the error line
+            return _train(cfg, di, progress)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C that aborts a step or a save
+        good = ckpt.latest_checkpoint(cfg.train.output_dir)
+        raise Interrupted(f"interrupted without saving; the last complete checkpoint is {good.path}: "
+                          "continue with --resume" if good else "interrupted before the first checkpoint; "
+                          "nothing saved: run the same command again to start over") from None
     finally:
         if di.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -478,6 +496,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
         warnings.filterwarnings("ignore", category=UserWarning)  # rank 0 reports data/config warnings
 
     resume_from = ckpt.plan_run_dir(out, tc.resume)
+    restarting = resume_from is None and out.is_dir() and (out / "metrics.jsonl").exists()
     if di.world > 1:
         dist.barrier()  # every rank decided before rank 0 touches the directory
     run_cfg = cfg
@@ -488,16 +507,21 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     import llama
     from finetune.modeling import load_model
 
+    preflight.check_max_length(cfg.data.max_length, cfg.model.path)
     tok = llama.Tokenizer.from_pretrained(cfg.model.path)
     data = prepare(cfg.data, tok)
     say(data.stats.summary())
     pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
+    preflight.check_token_ids(data.train + data.test, cfg.model.path, cfg.data.path)
     plan = make_plan(tc, len(data.train), di.world, [len(e.input_ids) for e in data.train])
     padding = plan.padding_fraction()
     say(f"plan: {plan.total_steps} optimizer steps of {plan.global_batch} examples ({di.world} rank(s) x "
         f"{plan.micro_batch_size} x {plan.accumulation} accumulation); {plan.steps_per_epoch} steps per "
         f"epoch of {plan.n_examples} examples; {padding:.1%} of batch tokens are padding"
         + (" (grouped by length)" if tc.group_by_length else ""))
+    state: dict[str, Any] | None = None
+    if resume_from is not None:  # verify the checkpoint's files before minutes of model loading
+        resume_from, state = ckpt.choose_checkpoint(out, cfg, warn=say)
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device
@@ -516,14 +540,6 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     say(f"precision: {prec.label}; optimizer {tc.optimizer}; schedule {tc.scheduler} (warmup "
         f"{tc.warmup_steps}); peak lr {tc.lr:g}")
 
-    if di.main:  # only now touch the run dir: a failed start leaves nothing that blocks a retry
-        out.mkdir(parents=True, exist_ok=True)
-        for path in ckpt.clean_temp(out):
-            say(f"removed the leftovers of an interrupted save: {path.name}")
-        if resume_from is not None:
-            _warn_config_changes(out / "config.yaml", cfg)
-        save_config(cfg, out / "config.yaml")
-
     forward: Callable[..., torch.Tensor] = model
     ddp = None
     if di.world > 1:
@@ -539,13 +555,18 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
         torch.manual_seed(tc.seed + di.rank)  # different dropout masks per rank
 
     step, history, elapsed_before = 0, [], 0.0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from.path / ckpt.STATE_FILE)
-        ckpt.load_weights(model, resume_from.path, cfg)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if prec.scaler is not None and state.get("scaler"):
-            prec.scaler.load_state_dict(state["scaler"])
+    if resume_from is not None and state is not None:
+        try:
+            ckpt.load_weights(model, resume_from.path, cfg)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if prec.scaler is not None and state.get("scaler"):
+                prec.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:  # nothing has been written yet
+            raise UserError(f"cannot resume from {resume_from.path} with this config: "
+                            f"{' '.join(str(e).split())[:300]}; resume with the settings the run was "
+                            f"started with ({out / 'config.yaml'}) or choose a new train.output_dir"
+                            ) from None
         step, history, elapsed_before = int(state["step"]), list(state["metrics"]), float(state["elapsed"])
         rngs = state["rng"]
         if len(rngs) == di.world:
@@ -558,8 +579,20 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
             warnings.warn(f"the global batch changed ({state.get('global_batch')} -> {plan.global_batch}): "
                           "the data order after resuming differs from the original run", stacklevel=2)
         say(f"resumed from {resume_from.path} (step {step} of {total})")
+    if di.main:  # only now touch the run dir: a failed start leaves nothing that blocks a retry
+        out.mkdir(parents=True, exist_ok=True)
+        for path in ckpt.clean_temp(out):
+            say(f"removed the leftovers of an interrupted save: {path.name}")
+        if resume_from is not None:
+            _warn_config_changes(out / "config.yaml", cfg)
+        elif restarting:
+            say(f"starting {out} over from step 0: the run there stopped before its first checkpoint")
+        files.guarded(lambda: save_config(cfg, out / "config.yaml"), f"write {out / 'config.yaml'}",
+                      "free space or fix the folder's permissions")
+
     if di.main:  # metrics.jsonl = the history of the checkpoint (lines logged after it are dropped)
-        ckpt.write_text_atomic(out / METRICS_FILE, "".join(_json_line(r) for r in history))
+        files.guarded(lambda: ckpt.write_text_atomic(out / METRICS_FILE, "".join(map(_json_line, history))),
+                      f"write {out / METRICS_FILE}", "free space or fix the folder's permissions")
 
     writer = None
     if di.main:
@@ -581,8 +614,12 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
         if di.main:
-            with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(_json_line(entry))
+            def append() -> None:
+                with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(_json_line(entry))
+
+            files.guarded(append, f"append to {out / METRICS_FILE}",
+                          f"free space, then continue with --resume ({ckpt._last_good(out)})")
             if writer is not None:
                 for key, value in entry.items():
                     if key != "step" and isinstance(value, (int, float)):
@@ -693,7 +730,11 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
         say(f"wrote {result.final_dir}")
         from finetune.plots import plot_loss
 
-        png = plot_loss(history, out / "plots" / "loss.png")
+        try:
+            png = plot_loss(history, out / "plots" / "loss.png")
+        except OSError as e:  # the adapter is saved; a missing picture is no reason to fail the run
+            png = None
+            say(f"no loss plot: could not write {out / 'plots' / 'loss.png'} ({files.describe_os_error(e)})")
         say(f"wrote {png}" if png else "no loss plot (matplotlib is not installed: pip install "
             "'qlora-llama[plot]')" if history else "no loss plot (nothing logged)")
     if writer is not None:

@@ -126,9 +126,9 @@ def _parse(text: Any) -> ParsedEntities:
     body = text.strip()
     if not body:
         return ParsedEntities()
-    fenced = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", body, flags=re.DOTALL)
-    if fenced:
-        body = fenced.group(1)
+    fenced = _unfence(body)
+    if fenced is not None:
+        body = fenced
         if not body:
             return ParsedEntities()
     if body[0] in "[{":
@@ -139,6 +139,21 @@ def _parse(text: Any) -> ParsedEntities:
     if parsed is not None:
         return parsed
     return _parse_lines(body)
+
+
+def _unfence(body: str) -> str | None:
+    r"""The inside of a Markdown code fence that spans all of ``body`` (```` ```json ... ``` ````), or None.
+
+    Plain string operations, linear in the answer: the regex this replaces (```` ```[\w-]*\s*(.*?)\s*``` ````)
+    backtracked in cubic time on an answer that opens a fence and never closes it.
+    """
+    if len(body) < 6 or not (body.startswith("```") and body.endswith("```")):
+        return None
+    inner = body[3:-3]
+    i = 0
+    while i < len(inner) and (inner[i].isalnum() or inner[i] in "_-"):  # the language tag
+        i += 1
+    return inner[i:].strip()
 
 
 def _make(span: Any, kind: Any) -> Entity | None:

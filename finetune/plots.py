@@ -37,6 +37,12 @@ def plot_loss(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import io
+
+    from finetune.files import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue(), durable=False)  # never follows a symlink planted at path
     return path

@@ -156,8 +156,14 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | os.PathL
 def _save(fig, plt, path: str | os.PathLike) -> Path:  # noqa: ANN001 -- matplotlib objects
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    import io
+
+    from finetune.files import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue(), durable=False)  # never follows a symlink planted at path
     return path
 
 
@@ -204,7 +210,9 @@ def write_report(m: dict[str, Any], out_dir: str | os.PathLike, plots: Sequence[
               "sacrebleu; eval loss is the token-weighted mean NLL of the response tokens (as in training).",
               ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    from finetune.files import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines), durable=False)
     return path
 
 

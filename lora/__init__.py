@@ -9,7 +9,14 @@ for `merge_and_export`), and on nothing else of this project, so it can be vendo
     lora.load_adapter(other_model, "adapter/")    # strict: wrong keys/shapes/config raise LoRAError
 """
 
-from .adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .adapter import (
+    adapter_config,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from .export import dense_weight, merge_and_export
 from .inject import (
     DEFAULT_TARGETS,
@@ -29,6 +36,6 @@ from .layer import LoRAError, LoRALinear
 __all__ = [
     "DEFAULT_TARGETS", "InjectStats", "LoRAError", "LoRALinear", "adapter_config", "adapter_state_dict",
     "count_parameters", "dense_weight", "disable_adapter", "inject", "linear_names", "load_adapter",
-    "lora_modules", "match_targets", "merge", "merge_and_export", "read_adapter_config", "save_adapter",
-    "trainable_parameters", "unmerge",
+    "lora_modules", "match_targets", "merge", "merge_and_export", "read_adapter", "read_adapter_config",
+    "save_adapter", "trainable_parameters", "unmerge",
 ]

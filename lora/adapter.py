@@ -12,17 +12,19 @@ in a LoRA module of the right shape and every LoRA module must get both of its w
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from .inject import inject, linear_names, lora_modules, match_targets
+from .inject import compile_target_regex, inject, linear_names, lora_modules, match_targets
 from .layer import LoRAError, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,10 +94,30 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
     }
 
 
-def _atomic_write(path: Path, write) -> None:  # noqa: ANN001 -- write(tmp_path) does the writing
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a new, exclusively created temp file next to `path`, then rename it over `path`.
+
+    `O_EXCL | O_NOFOLLOW`: an existing file or a symlink planted under the temp name (a shared folder)
+    is never opened or followed. A failed write (disk full) removes the temp file and re-raises.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
@@ -109,8 +131,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     out.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     sd = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    _atomic_write(out / WEIGHTS_NAME, save(sd, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
     return out
 
 
@@ -121,9 +143,14 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         raise LoRAError(f"no {CONFIG_NAME} in {adapter_dir}; an adapter dir holds {CONFIG_NAME} and "
                         f"{WEIGHTS_NAME}")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise LoRAError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); rewrite it as UTF-8 "
+                        f"JSON") from None
+    except ValueError as e:  # JSONDecodeError, or NaN/Infinity (not JSON)
         raise LoRAError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise LoRAError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise LoRAError(f"{path} has peft_type={got!r}; only LoRA adapters (peft_type 'LORA') are supported")
@@ -140,7 +167,38 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) is None:
             raise LoRAError(f"{path} has no {key!r}; it is needed to rebuild the adapter")
+    _check_types(cfg, path)
     return cfg
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_types(cfg: dict[str, Any], path: Path) -> None:
+    """The keys that rebuild the adapter must have PEFT's types: `"32"` or `"sixteen"` is a broken file."""
+    def bad(key: str, rule: str) -> LoRAError:
+        return LoRAError(f"{path}: {key} must be {rule}, got {cfg[key]!r}; fix the value in the file")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    r = cfg["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise bad("r", "a positive integer (the adapter rank)")
+    if not number(cfg["lora_alpha"]) or cfg["lora_alpha"] <= 0:
+        raise bad("lora_alpha", "a positive number")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and (not number(dropout) or not 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    targets = cfg["target_modules"]
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise bad("target_modules", "a non-empty list of module names or a regex string")
+    if isinstance(targets, str) and targets != "all-linear":
+        compile_target_regex(targets)  # refuses a regex that could backtrack for hours
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        raise bad("use_rslora", "true or false")
 
 
 def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -151,8 +209,28 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
                             f"it once: safetensors.torch.save_file(torch.load(path, weights_only=True), "
                             f"'{WEIGHTS_NAME}')")
         raise LoRAError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
+    except Exception as e:  # noqa: BLE001 -- safetensors' own error type (SafetensorError) for a damaged file
+        raise LoRAError(f"{path} is truncated or not a safetensors file ({' '.join(str(e).split())[:160]}); "
+                        f"copy the adapter again or use another checkpoint") from None
+    for key, t in weights.items():
+        if not t.is_floating_point():
+            raise LoRAError(f"{path}: {key} is a {str(t.dtype).removeprefix('torch.')} tensor; LoRA weights "
+                            f"are floating point (float32, bfloat16 or float16): the file is not a LoRA "
+                            f"adapter or was damaged")
+        if not bool(torch.isfinite(t).all()):
+            raise LoRAError(f"{path}: {key} holds NaN or inf values (the run that wrote it had diverged); "
+                            f"use an earlier checkpoint")
+    return weights
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config, tensors) of an adapter dir, fully checked without any model: types of the config,
+    whole and floating-point finite tensors. `load_adapter` then checks them against the model."""
+    adapter_dir = Path(adapter_dir)
+    return read_adapter_config(adapter_dir), _read_weights(adapter_dir)
 
 
 def _few(items: Iterable[str], limit: int = 6) -> str:
@@ -170,8 +248,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
     fit; anything missing, unexpected or mis-shaped raises `LoRAError` before any weight is copied.
     """
     adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
-    weights = _read_weights(adapter_dir)
+    cfg, weights = read_adapter(adapter_dir)
     r, alpha, rslora = int(cfg["r"]), cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
     mods = lora_modules(model)
     if mods:

@@ -81,6 +81,65 @@ def _name_list(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(shown[:limit]) + more
 
 
+def _nested_repeat(items: object, inside: bool = False) -> bool:
+    """True if a repeat (`*`, `+`, `{m,}`, `{m,n}` with n > 1), or an alternation, sits inside a repeat."""
+    try:
+        from re import _constants as C  # Python 3.11+
+    except ImportError:  # pragma: no cover -- Python 3.10
+        import sre_constants as C  # noqa: N812
+    repeats = (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", C.MAX_REPEAT))
+    for op, av in items:  # type: ignore[attr-defined]
+        if op in repeats:
+            lo, hi, sub = av
+            if hi is C.MAXREPEAT or hi > 1:
+                if inside:
+                    return True
+                if _nested_repeat(sub, True):
+                    return True
+            elif _nested_repeat(sub, inside):
+                return True
+        elif op is C.SUBPATTERN:
+            if _nested_repeat(av[-1], inside):
+                return True
+        elif op is C.BRANCH:
+            if inside:  # (a|ab)* : alternatives under a repeat can overlap just like nested repeats
+                return True
+            if any(_nested_repeat(alt, inside) for alt in av[1]):
+                return True
+        elif op in (C.ASSERT, C.ASSERT_NOT):
+            if _nested_repeat(av[1], inside):
+                return True
+    return False
+
+
+def compile_target_regex(targets: str) -> re.Pattern:
+    """Compile a `targets` regex, refusing the shapes that make Python's backtracking matcher exponential.
+
+    Python's `re` has no timeout: a pattern such as `(\\w*\\.?\\w*)*X` takes exponential time on a path
+    it does not match. The dangerous shapes all repeat something that itself repeats, so a repeat
+    nested in a repeat is refused (module paths are dotted names: `.*q_proj` or a list of names
+    says the same). What is left runs in time polynomial in the (short) module path.
+    """
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:
+        raise LoRAError(f"LoRA targets regex {targets!r} is invalid: {e}") from None
+    try:
+        try:
+            from re import _parser as parser  # Python 3.11+
+        except ImportError:  # pragma: no cover -- Python 3.10
+            import sre_parse as parser
+        nested = _nested_repeat(parser.parse(targets).data)
+    except Exception:  # noqa: BLE001 -- the private parser changed: keep the compiled pattern
+        nested = False
+    if nested:
+        raise LoRAError(f"LoRA targets regex {targets!r} repeats a group that itself repeats or "
+                        f"alternates (such as (a*)*, (\\w+\\.)+ or (a|ab)*), which can take exponential "
+                        f"time to match; write it without the nested repeat (e.g. '.*\\.(q_proj|v_proj)') "
+                        f"or give a list of names")
+    return pattern
+
+
 def match_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Module paths of the linears `targets` selects (PEFT semantics; see the module docstring).
 
@@ -96,10 +155,7 @@ def match_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
                             f"{type(model).__name__}")
         return found
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise LoRAError(f"LoRA targets regex {targets!r} is invalid: {e}") from None
+        pattern = compile_target_regex(targets)
         found = [n for n in linears if pattern.fullmatch(n)]
         if not found:
             raise LoRAError(f"LoRA targets regex {targets!r} matches no linear layer (it must match the "
@@ -159,7 +215,16 @@ def inject(model: nn.Module, targets: str | Sequence[str] = DEFAULT_TARGETS, r: 
     if existing:
         raise LoRAError(f"model already has LoRA on {len(existing)} modules (e.g. {next(iter(existing))}); "
                         f"inject once per model, or load the adapter with lora.load_adapter")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}")
     names = match_targets(model, targets)
+    for name in names:  # before any allocation: r = 1,000,000 must not be an out-of-memory kill
+        lin = model.get_submodule(name)
+        side = min(lin.in_features, lin.out_features)
+        if r > side:
+            raise LoRAError(f"LoRA rank r={r} is larger than the smaller side of {name} "
+                            f"({lin.in_features} -> {lin.out_features}); a rank above {side} adds "
+                            f"parameters without adding expressiveness: use r <= {side}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

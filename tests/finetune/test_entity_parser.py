@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -104,3 +105,24 @@ def test_tag_list_matches_the_training_converter(pairs: list[tuple[str, str]]) -
     assert tagged.format == "tags" and not tagged.failed
     expected = parse_entities(tags_to_entities(tokens, tags)).entities
     assert tagged.entities == expected
+
+
+@pytest.mark.parametrize("answer", [
+    "```" + " \n" * 20000 + "x",                       # an unclosed fence, then whitespace lines
+    "```json\n" + "Mario Rossi: PER\n" + "\n \t\n" * 20000 + ".",
+    "```" + "\n" * 40000 + "`",
+])
+def test_unclosed_fence_parses_in_linear_time(answer: str) -> None:
+    """The old fence regex took cubic time here (26 s at a few thousand lines, x8 per doubling)."""
+    import time
+
+    start = time.perf_counter()
+    parsed = parse_entities(answer)
+    assert time.perf_counter() - start < 0.1
+    check(parsed)
+
+
+def test_closed_fences_still_unwrap() -> None:
+    assert parse_entities('```json\n[{"text": "Mario", "type": "PER"}]\n```').entities == [("mario", "PER")]
+    assert parse_entities("```\nRoma: LOC\n```").entities == [("roma", "LOC")]
+    assert parse_entities("``````").format == "empty"

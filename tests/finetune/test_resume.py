@@ -21,6 +21,7 @@ from train_testlib import (  # noqa: E402
     REPO,
     adapter,
     cli_env,
+    error_line,
     metrics,
     run_config,
     run_train,
@@ -85,6 +86,27 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(straight, tiny_mod
     assert "resumed from" in proc.stdout and "step-2 (step 2 of 6)" in proc.stdout
     assert "interrupted save" in proc.stdout and not partial[0].exists()
     assert_same_run(ref, tmp_path / "run")  # save_steps does not change the trajectory
+
+
+def test_killed_before_its_first_checkpoint_restarts_without_flags(straight, tiny_model_dir, tmp_path):
+    """A run that dies before its first checkpoint (SIGKILL, OOM, divergence) is not stuck: the same
+    command starts it over from step 0, and the result equals an uninterrupted run bit for bit."""
+    ref, data = straight
+    config = write_yaml(tmp_path / "run.yaml", run_config(tiny_model_dir, data, tmp_path / "run"))
+    proc = run_train(config, FINETUNE_FAULT="step:2")  # SIGKILL after step 2; the first save is at 3
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert (run / "metrics.jsonl").is_file() and ckpt.latest_checkpoint(run) is None
+
+    proc = run_train(config, "--resume")  # nothing to resume: says so, and what to do
+    assert proc.returncode == 2
+    assert "stopped before its first checkpoint); drop --resume to start the run there from step 0" in \
+        error_line(proc.stderr)
+
+    proc = run_train(config)  # the same command again
+    assert proc.returncode == 0, proc.stderr
+    assert "over from step 0: the run there stopped before its first checkpoint" in proc.stdout
+    assert_same_run(ref, run)
 
 
 def test_ctrl_c_saves_and_exits_130(tiny_model_dir, tmp_path):

@@ -83,3 +83,21 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def adapter(path: Path) -> dict[str, Any]:
     return load_file(str(path / "adapter_model.safetensors"))
+
+
+def run_train_patched(prelude: str, config: Path, *args: str, timeout: float = 120,
+                      **env: str) -> subprocess.CompletedProcess:
+    """``train.main`` in a child process after running ``prelude`` there (e.g. a writer that fails with
+    ENOSPC at a chosen file): the real CLI, exit code and stderr, with one fault injected."""
+    code = prelude + "\nimport sys\nimport train\nsys.exit(train.main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, str(config), "--no-progress", *args], cwd=REPO,
+                          env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(stderr: str) -> str:
+    """The single ``error:`` line of a CLI failure (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning")]
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]

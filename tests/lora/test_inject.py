@@ -117,3 +117,26 @@ def test_injected_modules_follow_the_models_train_eval_mode():
     assert torch.equal(model(x), model(x))  # no active dropout
     model.train()
     assert all(m.training for m in lora.lora_modules(model).values())
+
+
+@pytest.mark.parametrize("regex", [r"(\w*\.?\w*)*X", r"(?:\w+\.)+q_proj", r"(a|ab)*c",
+                                   r"([a-z_]+|\.)+q_proj"])
+def test_backtracking_target_regexes_are_refused_at_once(regex):
+    import time
+
+    model = make_toy()
+    start = time.perf_counter()
+    with pytest.raises(LoRAError, match="can take exponential time to match"):
+        lora.inject(model, targets=regex, r=2)
+    assert time.perf_counter() - start < 0.1
+    assert not lora.lora_modules(model)
+
+
+def test_rank_larger_than_a_layer_is_refused_before_any_allocation():
+    model = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(LoRAError, match=r"r=1000000 is larger than the smaller side of 0 \(32 -> 8\)"):
+        lora.inject(model, targets="all-linear", r=1_000_000)
+    with pytest.raises(LoRAError, match="positive integer"):
+        lora.inject(model, targets="all-linear", r=0)
+    assert not lora.lora_modules(model) and all(p.requires_grad for p in model.parameters())
+    lora.inject(model, targets=["0"], r=8)  # r equal to the smaller side is fine
