@@ -373,6 +373,24 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
                     "start a new train.output_dir (the files there are left as they are)")
 
 
+def check_resume_config(c: CheckpointInfo, cfg: RunConfig) -> None:
+    """The LoRA shape settings of ``cfg`` must be the checkpoint's (read from its adapter_config.json,
+    before any model is loaded): a changed ``lora.r`` cannot continue a run, it starts another one."""
+    if not cfg.lora.enabled:
+        return
+    import lora
+
+    saved = lora.read_adapter_config(c.path)
+    pairs = {"lora.r": (saved["r"], cfg.lora.r), "lora.alpha": (saved["lora_alpha"], cfg.lora.alpha),
+             "lora.use_rslora": (bool(saved.get("use_rslora", False)), cfg.lora.use_rslora)}
+    changed = [f"{key} {now} (the checkpoint has {was})" for key, (was, now) in pairs.items()
+               if float(was) != float(now)]
+    if changed:
+        started = Path(cfg.train.output_dir) / "config.yaml"
+        raise UserError(f"cannot resume from {c.path}: this config sets {', '.join(changed)}; resume with "
+                        f"the settings the run was started with ({started}) or choose a new train.output_dir")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or one ``UserError`` line (missing, truncated, not safetensors)."""
     from safetensors import safe_open

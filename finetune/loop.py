@@ -470,6 +470,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     state: dict[str, Any] | None = None
     if resume_from is not None:  # verify the checkpoint's files before minutes of model loading
         resume_from, state = ckpt.choose_checkpoint(out, cfg, warn=say)
+        ckpt.check_resume_config(resume_from, cfg)
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device

@@ -108,11 +108,12 @@ def test_failed_resume_rewrites_nothing(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     files = ["config.yaml", "metrics.jsonl", "checkpoints/latest", "final/adapter_model.safetensors"]
     before = {name: (run / name).read_bytes() for name in files}
-    code, _, err = call(capsys, config, "--resume", "--set", "lora.r=8", "train.max_steps=4")
+    code, out, err = call(capsys, config, "--resume", "--set", "lora.r=8", "train.max_steps=4")
     assert code == 2
     line = one_error_line(err)
-    assert "cannot resume from" in line and "step-2 with this config" in line and "r=4" in line, line
-    assert "resume with the settings the run was started with" in line
+    assert f"cannot resume from {run / 'checkpoints' / 'step-2'}: this config sets lora.r 8 (the " \
+        "checkpoint has 4); resume with the settings the run was started with" in line, line
+    assert "memory:" not in out  # refused before the model loads
     assert {name: (run / name).read_bytes() for name in files} == before  # config.yaml still says r: 4
 
 
