@@ -260,6 +260,7 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     if adapter_dir is not None:
         check_adapter(cfg, adapter_dir)
     preflight.check_max_length(cfg.data.max_length, model_path)
+    preflight.check_model_weights(model_path)
     rows = select_rows(cfg)
     model, tok = load_for_eval(cfg, model_path, adapter_dir)
     examples, skipped = encode_rows(tok, cfg, rows)

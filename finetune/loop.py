@@ -458,6 +458,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     from finetune.modeling import load_model
 
     preflight.check_max_length(cfg.data.max_length, cfg.model.path)
+    preflight.check_model_weights(cfg.model.path)
     tok = llama.Tokenizer.from_pretrained(cfg.model.path)
     data = prepare(cfg.data, tok)
     say(data.stats.summary())

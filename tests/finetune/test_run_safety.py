@@ -231,7 +231,36 @@ def _nan_cell(cfg, tmp):
     cfg["data"]["path"] = str(tmp / "nan.jsonl")
 
 
+def _own_model(cfg, tmp, edit) -> None:
+    model = hf_fixtures.make_hf_checkpoint(tmp / "own_model", tokenizer=True)
+    edit(model)
+    cfg["model"]["path"] = str(model)
+
+
+def _size_as_text(cfg, tmp):
+    def edit(m: Path) -> None:
+        raw = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**raw, "hidden_size": "64"}))
+    _own_model(cfg, tmp, edit)
+
+
+def _int_weight(cfg, tmp):
+    def edit(m: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(m / "model.safetensors"))
+        key = "model.layers.0.self_attn.q_proj.weight"
+        sd[key] = sd[key].to(torch.int32)
+        save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    _own_model(cfg, tmp, edit)
+
+
 CASES = {
+    "config.json size as text": (_size_as_text, r"config.json: hidden_size must be a positive integer, "
+                                 r"got '64'"),
+    "int32 base weight": (_int_weight, r"model.safetensors: tensor model.layers.0.self_attn.q_proj.weight "
+                          r"has dtype I32; a model's weights are floating point"),
     "tokenizer larger than the vocabulary": (_small_vocab, r"produces token id \d+ .* but the model's "
                                              r"vocabulary has 100 entries"),
     "max_length beyond the context": (_long_rows, "data.max_length 300 is longer than the model's context "
