@@ -198,7 +198,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> CheckpointInfo | None:
     pointer = checkpoints_dir(output_dir) / LATEST
     try:
         name = pointer.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # missing, unreadable or not text: the newest step-N wins anyway
         name = ""
     by_name = {c.path.name: c for c in found}
     # `latest` is written after the rename, so it can only lag behind (never lead) the newest step.
@@ -358,6 +358,11 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
     checkpoint from the newest down. None verifying is a ``UserError`` listing why.
     """
     found = list_checkpoints(output_dir)
+    root = checkpoints_dir(output_dir)
+    known = {c.path.name for c in found}
+    for path in sorted(root.iterdir()) if root.is_dir() else []:  # our rename never leaves these
+        if _STEP_DIR.fullmatch(path.name) and path.name not in known:
+            warn(f"skipping checkpoint {path}: it is incomplete or its {INFO_FILE} is unreadable")
     first = latest_checkpoint(output_dir)
     order = ([first] if first else []) + [c for c in reversed(found) if first is None or c.step != first.step]
     problems = []

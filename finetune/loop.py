@@ -691,7 +691,7 @@ def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
 
     try:
         before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable or not UTF-8: nothing to compare with
         return
     now = cfg.to_dict()
     changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()

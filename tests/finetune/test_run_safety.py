@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,8 +125,13 @@ def test_resume_skips_checkpoints_that_do_not_verify(tiny_model_dir, tmp_path, c
     weights = root / "step-6" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated (a copy cut short, a full disk)
     (root / "step-4" / ckpt.STATE_FILE).write_bytes(b"PK\x03\x04 garbage")  # a corrupt trainer state
+    shutil.copytree(root / "step-2", root / "step-9")
+    (root / "step-9" / ckpt.INFO_FILE).write_bytes(b"\xff\xfe not json")  # an unreadable info file
+    (root / "latest").write_bytes(b"\xff\xfe")  # and a pointer that is not even text
     code, out, err = call(capsys, config, "--resume")
     assert code == 0, err
+    assert f"skipping checkpoint {root / 'step-9'}: it is incomplete or its checkpoint.json is " \
+        "unreadable" in out
     assert f"skipping checkpoint {root / 'step-6'}: it does not verify" in out and "truncated" in out
     assert f"skipping checkpoint {root / 'step-4'}: it does not verify" in out
     assert "truncated or corrupt" in out and "weights_only=False" not in out + err
