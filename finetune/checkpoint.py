@@ -105,9 +105,13 @@ class SaveFailed(UserError):
     """Writing a checkpoint (or ``final/``) failed: disk full, I/O error. Nothing complete was touched."""
 
 
-def _last_good(output_dir: str | os.PathLike) -> str:
+def last_good_text(output_dir: str | os.PathLike) -> str:
+    """"the last complete checkpoint is X" (or that there is none) and how to continue from there."""
     good = latest_checkpoint(output_dir)
-    return f"the last complete checkpoint is {good.path}" if good else "there is no complete checkpoint yet"
+    if good is None:
+        return ("there is no complete checkpoint yet; then run the same command again (the run restarts "
+                "from step 0)")
+    return f"the last complete checkpoint is {good.path}; then continue with --resume"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
@@ -144,9 +148,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
             raise
         if tmp is not None:
             files.remove_path(tmp)
-        raise SaveFailed(f"could not save checkpoint {final}: {_io_reason(e)}; the partial files were "
-                         f"removed and {_last_good(output_dir)} (checkpoints/latest unchanged); free "
-                         f"space or fix the disk, then continue with --resume") from e
+        raise SaveFailed(f"could not save checkpoint {final}: {_io_reason(e)}; free space or fix the disk "
+                         f"(the partial files were removed, checkpoints/latest is unchanged); "
+                         f"{last_good_text(output_dir)}") from e
     try:
         write_text_atomic(root / LATEST, f"{final.name}\n")
     except OSError:
@@ -526,7 +530,6 @@ def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
     except OSError as e:
         if tmp is not None:
             files.remove_path(tmp)
-        raise SaveFailed(f"could not write {final}: {files.describe_os_error(e)}; the partial folder was "
-                         f"removed and {_last_good(out)}; free space, then run again with --resume to "
-                         f"write final/ from it") from e
+        raise SaveFailed(f"could not write {final}: {files.describe_os_error(e)}; free space (the partial "
+                         f"folder was removed); {last_good_text(out)} to write final/ from it") from e
     return final

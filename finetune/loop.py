@@ -559,12 +559,12 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
         if di.main:
-            def append() -> None:
+            try:
                 with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(_json_line(entry))
-
-            files.guarded(append, f"append to {out / METRICS_FILE}",
-                          f"free space, then continue with --resume ({ckpt._last_good(out)})")
+            except OSError as e:
+                raise UserError(f"could not append to {out / METRICS_FILE}: {files.describe_os_error(e)}; "
+                                f"free space; {ckpt.last_good_text(out)}") from None
             if writer is not None:
                 for key, value in entry.items():
                     if key != "step" and isinstance(value, (int, float)):
