@@ -419,8 +419,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # What a run writes before its first checkpoint: a folder holding only these never saved anything that
-# a restart could lose (its metrics.jsonl is the log of steps no checkpoint kept).
-RUN_LEFTOVERS = {"config.yaml", "metrics.jsonl", "plots", "tensorboard", ".lock", CHECKPOINTS}
+# a restart could lose (its metrics.jsonl is the log of steps no checkpoint kept). eval.py's folders
+# may sit beside them (a --baseline score); a restart never touches those.
+RUN_LEFTOVERS = {"config.yaml", "metrics.jsonl", "plots", "tensorboard", ".lock", CHECKPOINTS, "eval",
+                 "eval-baseline"}
 
 
 def is_restartable(output_dir: Path) -> bool:
