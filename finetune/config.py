@@ -246,6 +246,7 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
             re.compile(lo.targets)
         except re.error as e:
             raise bad("lora.targets", f"is not a valid regex ({e})", lo.targets) from None
+    _check_linear_time_regexes(cfg, source)
 
     check_template(d.template, source)
     if d.max_length < 16:
@@ -306,6 +307,23 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
             _set(cfg, key, os.path.abspath(os.path.expanduser(value)))
     if check_paths:
         _check_paths(cfg, source)
+
+
+def _check_linear_time_regexes(cfg: RunConfig, source: str) -> None:
+    """User regexes matched against module paths (lora.targets, quant.skip) must not be able to backtrack
+    for hours: the same rule as lora's (no repeat or alternation inside a repeat), checked at load."""
+    from lora import LoRAError
+    from lora.inject import compile_target_regex
+
+    patterns = [("lora.targets", cfg.lora.targets)] if isinstance(cfg.lora.targets, str) else []
+    patterns += [("quant.skip", p) for p in cfg.quant.skip]
+    for key, pattern in patterns:
+        if pattern == "all-linear":
+            continue
+        try:
+            compile_target_regex(pattern, what=f"{key} regex")
+        except LoRAError as e:
+            raise UserError(f"{source}: {e}") from None
 
 
 def check_template(template: str, source: str = "<config>") -> None:

@@ -273,7 +273,10 @@ CASES = {
                                       "of 256 tokens"),
     "rank beyond the layer": (_huge_rank, r"LoRA rank r=1000000 is larger than the smaller side of "
                               r"model\.layers\.0\.self_attn\.q_proj .*use r <= "),
-    "backtracking targets regex": (_slow_regex, "which can take exponential time to match"),
+    "backtracking targets regex": (_slow_regex, r"run.yaml: lora.targets regex .* which can take "
+                                   r"exponential time to match"),
+    "backtracking quant.skip regex": (lambda cfg, tmp: cfg["quant"].update(skip=[r"(a+)+b"]),
+                                      r"run.yaml: quant.skip regex '\(a\+\)\+b' repeats a group"),
     "JSON NaN cell": (_nan_cell, r"nan.jsonl: line 21: column 'output_text' holds nan \(a JSON NaN"),
 }
 
