@@ -5,8 +5,10 @@
 
 Writes <train.output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/, plots/loss.png}.
 Exit codes: 0 done; 2 a mistake the user can fix (one ``error:`` line on stderr, no traceback: bad
-config or data, a run dir that would be overwritten, a diverged loss); 130/143 stopped by
-SIGINT/SIGTERM after saving a checkpoint (continue with --resume).
+config or data, a run dir that would be overwritten or is in use by another run, a full disk, a
+diverged loss); 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume;
+a second Ctrl-C aborts at once and says what was kept). A run that stopped before its first
+checkpoint restarts with the same command.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set train.lr=1e-4 lora.r=8")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in train.output_dir")
+                   help="continue from the newest checkpoint in train.output_dir that verifies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

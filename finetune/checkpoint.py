@@ -105,9 +105,13 @@ class SaveFailed(UserError):
     """Writing a checkpoint (or ``final/``) failed: disk full, I/O error. Nothing complete was touched."""
 
 
-def _last_good(output_dir: str | os.PathLike) -> str:
+def last_good_text(output_dir: str | os.PathLike) -> str:
+    """"the last complete checkpoint is X" (or that there is none) and how to continue from there."""
     good = latest_checkpoint(output_dir)
-    return f"the last complete checkpoint is {good.path}" if good else "there is no complete checkpoint yet"
+    if good is None:
+        return ("there is no complete checkpoint yet; then run the same command again (the run restarts "
+                "from step 0)")
+    return f"the last complete checkpoint is {good.path}; then continue with --resume"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
@@ -144,9 +148,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
             raise
         if tmp is not None:
             files.remove_path(tmp)
-        raise SaveFailed(f"could not save checkpoint {final}: {_io_reason(e)}; the partial files were "
-                         f"removed and {_last_good(output_dir)} (checkpoints/latest unchanged); free "
-                         f"space or fix the disk, then continue with --resume") from e
+        raise SaveFailed(f"could not save checkpoint {final}: {_io_reason(e)}; free space or fix the disk "
+                         f"(the partial files were removed, checkpoints/latest is unchanged); "
+                         f"{last_good_text(output_dir)}") from e
     try:
         write_text_atomic(root / LATEST, f"{final.name}\n")
     except OSError:
@@ -198,7 +202,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> CheckpointInfo | None:
     pointer = checkpoints_dir(output_dir) / LATEST
     try:
         name = pointer.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # missing, unreadable or not text: the newest step-N wins anyway
         name = ""
     by_name = {c.path.name: c for c in found}
     # `latest` is written after the rename, so it can only lag behind (never lead) the newest step.
@@ -358,6 +362,11 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
     checkpoint from the newest down. None verifying is a ``UserError`` listing why.
     """
     found = list_checkpoints(output_dir)
+    root = checkpoints_dir(output_dir)
+    known = {c.path.name for c in found}
+    for path in sorted(root.iterdir()) if root.is_dir() else []:  # our rename never leaves these
+        if _STEP_DIR.fullmatch(path.name) and path.name not in known:
+            warn(f"skipping checkpoint {path}: it is incomplete or its {INFO_FILE} is unreadable")
     first = latest_checkpoint(output_dir)
     order = ([first] if first else []) + [c for c in reversed(found) if first is None or c.step != first.step]
     problems = []
@@ -371,6 +380,24 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
         return c, state
     raise UserError(f"no checkpoint in {checkpoints_dir(output_dir)} verifies ({'; '.join(problems)}); "
                     "start a new train.output_dir (the files there are left as they are)")
+
+
+def check_resume_config(c: CheckpointInfo, cfg: RunConfig) -> None:
+    """The LoRA shape settings of ``cfg`` must be the checkpoint's (read from its adapter_config.json,
+    before any model is loaded): a changed ``lora.r`` cannot continue a run, it starts another one."""
+    if not cfg.lora.enabled:
+        return
+    import lora
+
+    saved = lora.read_adapter_config(c.path)
+    pairs = {"lora.r": (saved["r"], cfg.lora.r), "lora.alpha": (saved["lora_alpha"], cfg.lora.alpha),
+             "lora.use_rslora": (bool(saved.get("use_rslora", False)), cfg.lora.use_rslora)}
+    changed = [f"{key} {now} (the checkpoint has {was})" for key, (was, now) in pairs.items()
+               if float(was) != float(now)]
+    if changed:
+        started = Path(cfg.train.output_dir) / "config.yaml"
+        raise UserError(f"cannot resume from {c.path}: this config sets {', '.join(changed)}; resume with "
+                        f"the settings the run was started with ({started}) or choose a new train.output_dir")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -392,8 +419,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # What a run writes before its first checkpoint: a folder holding only these never saved anything that
-# a restart could lose (its metrics.jsonl is the log of steps no checkpoint kept).
-RUN_LEFTOVERS = {"config.yaml", "metrics.jsonl", "plots", "tensorboard", ".lock", CHECKPOINTS}
+# a restart could lose (its metrics.jsonl is the log of steps no checkpoint kept). eval.py's folders
+# may sit beside them (a --baseline score); a restart never touches those.
+RUN_LEFTOVERS = {"config.yaml", "metrics.jsonl", "plots", "tensorboard", ".lock", CHECKPOINTS, "eval",
+                 "eval-baseline"}
 
 
 def is_restartable(output_dir: Path) -> bool:
@@ -503,7 +532,6 @@ def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
     except OSError as e:
         if tmp is not None:
             files.remove_path(tmp)
-        raise SaveFailed(f"could not write {final}: {files.describe_os_error(e)}; the partial folder was "
-                         f"removed and {_last_good(out)}; free space, then run again with --resume to "
-                         f"write final/ from it") from e
+        raise SaveFailed(f"could not write {final}: {files.describe_os_error(e)}; free space (the partial "
+                         f"folder was removed); {last_good_text(out)} to write final/ from it") from e
     return final

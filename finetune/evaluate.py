@@ -251,10 +251,11 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     model_path, adapter_dir = resolve_weights(cfg, adapter, baseline)
     out = resolve_output_dir(cfg, output_dir, baseline)
     # everything that can fail in seconds fails before the (slow) model load and the generation:
-    files.check_writable_dir(out, "eval output dir")
+    files.check_writable_dir(out, "eval output dir (--output / eval.output_dir)")
     if adapter_dir is not None:
         check_adapter(cfg, adapter_dir)
     preflight.check_max_length(cfg.data.max_length, model_path)
+    preflight.check_model_weights(model_path)
     rows = select_rows(cfg)
     model, tok = load_for_eval(cfg, model_path, adapter_dir)
     examples, skipped = encode_rows(tok, cfg, rows)

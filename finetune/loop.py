@@ -508,6 +508,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     from finetune.modeling import load_model
 
     preflight.check_max_length(cfg.data.max_length, cfg.model.path)
+    preflight.check_model_weights(cfg.model.path)
     tok = llama.Tokenizer.from_pretrained(cfg.model.path)
     data = prepare(cfg.data, tok)
     say(data.stats.summary())
@@ -522,6 +523,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     state: dict[str, Any] | None = None
     if resume_from is not None:  # verify the checkpoint's files before minutes of model loading
         resume_from, state = ckpt.choose_checkpoint(out, cfg, warn=say)
+        ckpt.check_resume_config(resume_from, cfg)
     seed_all(tc.seed)
     model, _ = load_model(run_cfg, for_training=True, log=say)
     device = next(model.parameters()).device
@@ -614,12 +616,12 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
         if di.main:
-            def append() -> None:
+            try:
                 with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(_json_line(entry))
-
-            files.guarded(append, f"append to {out / METRICS_FILE}",
-                          f"free space, then continue with --resume ({ckpt._last_good(out)})")
+            except OSError as e:
+                raise UserError(f"could not append to {out / METRICS_FILE}: {files.describe_os_error(e)}; "
+                                f"free space; {ckpt.last_good_text(out)}") from None
             if writer is not None:
                 for key, value in entry.items():
                     if key != "step" and isinstance(value, (int, float)):
@@ -750,7 +752,7 @@ def _warn_config_changes(path: Path, cfg: RunConfig) -> None:
 
     try:
         before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable or not UTF-8: nothing to compare with
         return
     now = cfg.to_dict()
     changed = [f"{section}.{key}" for section, values in now.items() for key, value in values.items()

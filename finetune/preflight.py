@@ -9,14 +9,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.files import read_json
+
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+_NUMBER_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def check_model_config(model_path: str) -> None:
+    """config.json's sizes must have JSON's number types: ``"hidden_size": "64"`` used to end in a
+    TypeError traceback from deep inside the model build."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return  # the loader's own message covers a missing file
+    raw = read_json(path, "model config", "restore config.json from the original checkpoint")
+    nested = [raw[k] for k in ("text_config",) if isinstance(raw.get(k), dict)]
+    for section in [raw, *nested]:
+        for key in _INT_KEYS:
+            v = section.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UserError(f"{path}: {key} must be a positive integer, got {v!r}; restore config.json "
+                                f"from the original checkpoint")
+        for key in _NUMBER_KEYS:
+            v = section.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise UserError(f"{path}: {key} must be a positive number, got {v!r}; restore config.json "
+                                f"from the original checkpoint")
 
 
 def _model_config(model_path: str) -> Any:
     import llama
 
+    check_model_config(model_path)
     return llama.LlamaConfig.from_hf(model_path)
 
 
@@ -78,3 +106,29 @@ def check_adapter_shapes(weights: dict[str, Any], r: int, model_path: str) -> No
             raise UserError(f"{key} has shape {list(tensor.shape)} but the model needs {list(expected)} "
                             f"(from its config.json); the adapter was trained on a different model size: "
                             f"use its own base model")
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_model_weights(model_path: str) -> None:
+    """Every tensor in the base's safetensors files must be floating point (read from the headers only,
+    no weight is loaded): an int32 tensor used to fail only once training asked it for gradients.
+
+    Missing, truncated or unreadable files are left to the loader, whose messages name them.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 -- safe_open is not a dict
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype not in _FLOAT_DTYPES:
+                        raise UserError(f"{path}: tensor {key} has dtype {dtype}; a model's weights are "
+                                        f"floating point (F32, F16, BF16): the file is damaged or was not "
+                                        f"written by save_pretrained; restore it from the original model")
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 -- a damaged file: llama.from_pretrained reports it in one line
+            continue

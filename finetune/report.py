@@ -106,7 +106,11 @@ def plot_per_type_f1(per_type: dict[str, dict[str, Any]], path: str | os.PathLik
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl; unreadable lines (a line cut by a crash) are skipped."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")  # a damaged byte spoils one line
+    except OSError:
+        return records
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -217,7 +217,7 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
                         f"copy the adapter again or use another checkpoint") from None
     for key, t in weights.items():
         if not t.is_floating_point():
-            raise LoRAError(f"{path}: {key} is a {str(t.dtype).removeprefix('torch.')} tensor; LoRA weights "
+            raise LoRAError(f"{path}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights "
                             f"are floating point (float32, bfloat16 or float16): the file is not a LoRA "
                             f"adapter or was damaged")
         if not bool(torch.isfinite(t).all()):

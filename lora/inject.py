@@ -112,7 +112,7 @@ def _nested_repeat(items: object, inside: bool = False) -> bool:
     return False
 
 
-def compile_target_regex(targets: str) -> re.Pattern:
+def compile_target_regex(targets: str, what: str = "LoRA targets regex") -> re.Pattern:
     """Compile a `targets` regex, refusing the shapes that make Python's backtracking matcher exponential.
 
     Python's `re` has no timeout: a pattern such as `(\\w*\\.?\\w*)*X` takes exponential time on a path
@@ -123,7 +123,7 @@ def compile_target_regex(targets: str) -> re.Pattern:
     try:
         pattern = re.compile(targets)
     except re.error as e:
-        raise LoRAError(f"LoRA targets regex {targets!r} is invalid: {e}") from None
+        raise LoRAError(f"{what} {targets!r} is invalid: {e}") from None
     try:
         try:
             from re import _parser as parser  # Python 3.11+
@@ -133,7 +133,7 @@ def compile_target_regex(targets: str) -> re.Pattern:
     except Exception:  # noqa: BLE001 -- the private parser changed: keep the compiled pattern
         nested = False
     if nested:
-        raise LoRAError(f"LoRA targets regex {targets!r} repeats a group that itself repeats or "
+        raise LoRAError(f"{what} {targets!r} repeats a group that itself repeats or "
                         f"alternates (such as (a*)*, (\\w+\\.)+ or (a|ab)*), which can take exponential "
                         f"time to match; write it without the nested repeat (e.g. '.*\\.(q_proj|v_proj)') "
                         f"or give a list of names")

@@ -35,8 +35,9 @@ def test_save_is_atomic_and_latest_points_to_it(tmp_path):
         (tmp / "a.bin").write_bytes(b"partial")
         raise OSError("disk full")
 
-    with pytest.raises(ckpt.SaveFailed, match=r"step-10: disk full; the partial files were removed and the "
-                       r"last complete checkpoint is .*step-5 \(checkpoints/latest unchanged\)"):
+    with pytest.raises(ckpt.SaveFailed, match=r"step-10: disk full; free space or fix the disk \(the partial "
+                       r"files were removed, checkpoints/latest is unchanged\); the last complete checkpoint "
+                       r"is .*step-5; then continue with --resume"):
         ckpt.save_checkpoint(tmp_path, 10, failing)
     assert not (tmp_path / "checkpoints" / "step-10").exists()
     assert ckpt.latest_checkpoint(tmp_path).step == 5
@@ -139,3 +140,13 @@ def test_plan_run_dir_never_clobbers(tmp_path):
     (other / "final").mkdir(parents=True)
     with pytest.raises(UserError, match="finished run"):
         ckpt.plan_run_dir(other, "auto")
+
+
+def test_failed_first_save_says_to_run_again_not_to_resume(tmp_path):
+    def failing(tmp: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ckpt.SaveFailed, match=r"the disk is full .*there is no complete checkpoint yet; then "
+                       r"run the same command again \(the run restarts from step 0\)"):
+        ckpt.save_checkpoint(tmp_path, 1, failing)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -65,8 +65,8 @@ def test_enospc_during_a_checkpoint_keeps_the_last_one_and_resumes(tiny_model_di
     line = error_line(proc.stderr)
     step2 = run / "checkpoints" / "step-2"
     assert f"could not save checkpoint {run / 'checkpoints' / 'step-4'}: the disk is full" in line, line
-    assert f"the last complete checkpoint is {step2} (checkpoints/latest unchanged)" in line
-    assert "continue with --resume" in line
+    assert "(the partial files were removed, checkpoints/latest is unchanged)" in line
+    assert f"the last complete checkpoint is {step2}; then continue with --resume" in line
     _no_temp_left(run)
     assert not (run / "checkpoints" / "step-4").exists() and not (run / "final").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-2"
@@ -85,7 +85,8 @@ def test_enospc_while_writing_final_removes_the_partial_folder(tiny_model_dir, t
     assert proc.returncode == 2, proc.stderr
     line = error_line(proc.stderr)
     assert f"could not write {run / 'final'}: the disk is full" in line, line
-    assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-6'}" in line
+    assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-6'}; then continue with " \
+        "--resume to write final/ from it" in line
     _no_temp_left(run)
     assert not (run / "final").exists()
     proc = run_train(config, "--resume")  # nothing left to train: writes final/ from step-6

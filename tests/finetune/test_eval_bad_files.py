@@ -65,7 +65,7 @@ CASES = {
                     r"'sixteen'"),
     "alpha as a string": (_config_edit(lora_alpha="32"), "lora_alpha must be a positive number, got '32'"),
     "non-UTF-8 config": (_not_utf8, r"adapter_config.json is not UTF-8 text \(invalid"),
-    "int32 tensor": (_tensor_edit(lambda t: t.to(torch.int32)), "is a int32 tensor; LoRA weights are "
+    "int32 tensor": (_tensor_edit(lambda t: t.to(torch.int32)), "has dtype int32; LoRA weights are "
                      "floating point"),
     "NaN weights": (_tensor_edit(_nan), "holds NaN or inf values"),
     "backtracking target regex": (_config_edit(target_modules=r"(\w*\.?\w*)*X"),

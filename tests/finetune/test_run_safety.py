@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,11 +109,12 @@ def test_failed_resume_rewrites_nothing(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     files = ["config.yaml", "metrics.jsonl", "checkpoints/latest", "final/adapter_model.safetensors"]
     before = {name: (run / name).read_bytes() for name in files}
-    code, _, err = call(capsys, config, "--resume", "--set", "lora.r=8", "train.max_steps=4")
+    code, out, err = call(capsys, config, "--resume", "--set", "lora.r=8", "train.max_steps=4")
     assert code == 2
     line = one_error_line(err)
-    assert "cannot resume from" in line and "step-2 with this config" in line and "r=4" in line, line
-    assert "resume with the settings the run was started with" in line
+    assert f"cannot resume from {run / 'checkpoints' / 'step-2'}: this config sets lora.r 8 (the " \
+        "checkpoint has 4); resume with the settings the run was started with" in line, line
+    assert "memory:" not in out  # refused before the model loads
     assert {name: (run / name).read_bytes() for name in files} == before  # config.yaml still says r: 4
 
 
@@ -123,8 +125,13 @@ def test_resume_skips_checkpoints_that_do_not_verify(tiny_model_dir, tmp_path, c
     weights = root / "step-6" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated (a copy cut short, a full disk)
     (root / "step-4" / ckpt.STATE_FILE).write_bytes(b"PK\x03\x04 garbage")  # a corrupt trainer state
+    shutil.copytree(root / "step-2", root / "step-9")
+    (root / "step-9" / ckpt.INFO_FILE).write_bytes(b"\xff\xfe not json")  # an unreadable info file
+    (root / "latest").write_bytes(b"\xff\xfe")  # and a pointer that is not even text
     code, out, err = call(capsys, config, "--resume")
     assert code == 0, err
+    assert f"skipping checkpoint {root / 'step-9'}: it is incomplete or its checkpoint.json is " \
+        "unreadable" in out
     assert f"skipping checkpoint {root / 'step-6'}: it does not verify" in out and "truncated" in out
     assert f"skipping checkpoint {root / 'step-4'}: it does not verify" in out
     assert "truncated or corrupt" in out and "weights_only=False" not in out + err
@@ -230,7 +237,36 @@ def _nan_cell(cfg, tmp):
     cfg["data"]["path"] = str(tmp / "nan.jsonl")
 
 
+def _own_model(cfg, tmp, edit) -> None:
+    model = hf_fixtures.make_hf_checkpoint(tmp / "own_model", tokenizer=True)
+    edit(model)
+    cfg["model"]["path"] = str(model)
+
+
+def _size_as_text(cfg, tmp):
+    def edit(m: Path) -> None:
+        raw = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**raw, "hidden_size": "64"}))
+    _own_model(cfg, tmp, edit)
+
+
+def _int_weight(cfg, tmp):
+    def edit(m: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(m / "model.safetensors"))
+        key = "model.layers.0.self_attn.q_proj.weight"
+        sd[key] = sd[key].to(torch.int32)
+        save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    _own_model(cfg, tmp, edit)
+
+
 CASES = {
+    "config.json size as text": (_size_as_text, r"config.json: hidden_size must be a positive integer, "
+                                 r"got '64'"),
+    "int32 base weight": (_int_weight, r"model.safetensors: tensor model.layers.0.self_attn.q_proj.weight "
+                          r"has dtype I32; a model's weights are floating point"),
     # caught when the tokenizer loads (it names both sizes), before any row is tokenised
     "tokenizer larger than the vocabulary": (_small_vocab, r"tokenizer.model has 512 tokens but the model's "
                                              r"config.json says vocab_size 100"),
@@ -238,7 +274,10 @@ CASES = {
                                       "of 256 tokens"),
     "rank beyond the layer": (_huge_rank, r"LoRA rank r=1000000 is larger than the smaller side of "
                               r"model\.layers\.0\.self_attn\.q_proj .*use r <= "),
-    "backtracking targets regex": (_slow_regex, "which can take exponential time to match"),
+    "backtracking targets regex": (_slow_regex, r"run.yaml: lora.targets regex .* which can take "
+                                   r"exponential time to match"),
+    "backtracking quant.skip regex": (lambda cfg, tmp: cfg["quant"].update(skip=[r"(a+)+b"]),
+                                      r"run.yaml: quant.skip regex '\(a\+\)\+b' repeats a group"),
     "JSON NaN cell": (_nan_cell, r"nan.jsonl: line 21: column 'output_text' holds nan \(a JSON NaN"),
 }
 
