@@ -314,8 +314,6 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
         _check_paths(cfg, source)
 
 
-<<<<<<< HEAD
-=======
 def _check_linear_time_regexes(cfg: RunConfig, source: str) -> None:
     """User regexes matched against module paths (lora.targets, quant.skip) must not be able to backtrack
     for hours: the same rule as lora's (no repeat or alternation inside a repeat), checked at load."""
@@ -333,41 +331,6 @@ def _check_linear_time_regexes(cfg: RunConfig, source: str) -> None:
             raise UserError(f"{source}: {e}") from None
 
 
-def check_template(template: str, source: str = "<config>") -> None:
-    """A named template, or a custom string with {input}, optional {instruction}, and {output} only last.
-
-    The response is appended after the prompt by token ids (see finetune.data), so ``{output}`` anywhere
-    but at the very end would put response text inside the prompt; literal ``<s>``/``</s>`` would be
-    tokenised as text, because BOS/EOS are token ids added by the tokenizer.
-    """
-    if template in TEMPLATE_NAMES:
-        return
-    if "{" not in template:
-        raise UserError(f"{source}: data.template {_show(template)} is not a known template "
-                        f"({', '.join(TEMPLATE_NAMES)}) nor a custom string containing {{input}}"
-                        f"{_did_you_mean(template, TEMPLATE_NAMES)}")
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise UserError(f"{source}: data.template is not a valid format string ({e}); "
-                        "write literal braces as {{ and }}") from None
-    fields = [name for _, name, _, _ in parts if name is not None]
-    for name in fields:
-        if name not in ("input", "instruction", "output"):
-            raise UserError(f"{source}: data.template has an unknown placeholder {{{name}}}; allowed: "
-                            f"{{input}}, {{instruction}}, {{output}}"
-                            f"{_did_you_mean(name, ('input', 'instruction', 'output'))}")
-    if "input" not in fields:
-        raise UserError(f"{source}: data.template must contain {{input}} (where the row's input text goes)")
-    if "<s>" in template or "</s>" in template:
-        raise UserError(f"{source}: data.template must not contain literal <s> or </s>: BOS/EOS are added "
-                        "as token ids by the tokenizer; remove them from the template")
-    if "output" in fields and not template.rstrip().endswith("{output}"):
-        raise UserError(f"{source}: data.template may use {{output}} only at its very end (the response "
-                        "always follows the prompt)")
-
-
->>>>>>> issue-19
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (absolute paths, every default spelled out) as YAML; reloadable."""
     from finetune.files import write_text_atomic  # exclusive temp file: never follows a planted symlink
