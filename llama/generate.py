@@ -91,7 +91,8 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
     seed: sampling is reproducible for a given seed, batch composition and device.
     compile: torch.compile the decode step (fullgraph; CUDA graphs on CUDA).
     check_every: decode steps between looks at the device's state (finished rows, stop_fn): the host
-      waits for the device only then, not at every token. Results do not depend on it.
+      waits for the device only then, not at every token. Greedy results do not depend on it
+      (sampled ones do: the batch shrinks at other steps, so the draws are made in other shapes).
     progress(n): called after each batch with its number of prompts.
     """
     cfg = model.config
