@@ -91,7 +91,8 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
     seed: sampling is reproducible for a given seed, batch composition and device.
     compile: torch.compile the decode step (fullgraph; CUDA graphs on CUDA).
     check_every: decode steps between looks at the device's state (finished rows, stop_fn): the host
-      waits for the device only then, not at every token. Results do not depend on it.
+      waits for the device only then, not at every token. Greedy results do not depend on it
+      (sampled ones do: the batch shrinks at other steps, so the draws are made in other shapes).
     progress(n): called after each batch with its number of prompts.
     """
     cfg = model.config
@@ -118,8 +119,10 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
     was_training = model.training
     model.eval()  # no LoRA dropout while generating
     # batch sizes halve as rows finish (16, 8, 4, 2, 1) and the last batch may be smaller: a graph each
-    limit = contextlib.nullcontext() if not compile else torch._dynamo.config.patch(
-        recompile_limit=max(torch._dynamo.config.recompile_limit, 32))
+    limit: Any = contextlib.nullcontext()
+    if compile:  # the knob's name before torch 2.6 was cache_size_limit
+        knob = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        limit = torch._dynamo.config.patch(**{knob: max(getattr(torch._dynamo.config, knob), 32)})
     try:
         with torch.no_grad(), limit:
             for start in range(0, len(order), batch_size):

@@ -79,3 +79,27 @@ def test_bench_generate_cpu_tiny(tmp_path: Path) -> None:
     # the batch-1 target gets its PASS/FAIL line (the batch-16 one is not measured here)
     assert "target batch 1 new tokens/s >= 20x hf" in stdout
     assert data["targets"]["speed_batch_1"]["want"] == 20
+
+
+def test_random_checkpoint_is_written_once_and_reused(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train as bt
+    import torch
+
+    cfg = bt.model_config("tiny", 1, torch.float32)
+    folder = bt.checkpoint_once(cfg, tmp_path / "ck", torch.device("cpu"), torch.float32)
+    index = folder / "model.safetensors.index.json"
+    first = index.stat().st_mtime_ns
+    assert "wrote random weights" in capsys.readouterr().out
+    assert bt.checkpoint_once(cfg, folder, torch.device("cpu"), torch.float32) == folder
+    assert "reusing the random checkpoint" in capsys.readouterr().out and index.stat().st_mtime_ns == first
+    import llama
+
+    assert llama.from_pretrained(folder).config.num_hidden_layers == 1  # a loadable HF checkpoint
+    other = bt.model_config("tiny", 2, torch.float32)
+    try:
+        bt.checkpoint_once(other, folder, torch.device("cpu"), torch.float32)
+    except SystemExit as e:
+        assert "holds another model" in str(e) and "num_hidden_layers" in str(e)
+    else:
+        raise AssertionError("a folder with another shape was reused")

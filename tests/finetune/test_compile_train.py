@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_testlib import run_config, train_losses, write_csv  # noqa: E402
@@ -67,12 +68,11 @@ def test_compiled_training_gives_the_eager_losses(one_layer_dir, tmp_path, one_t
 
 
 def test_compile_without_a_working_compiler_trains_eager_with_one_warning(tiny_model_dir, tmp_path,
-                                                                          monkeypatch, one_thread):
+                                                                          one_thread):
     # A real broken toolchain: inductor is pointed at a C++ compiler that does not exist.
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    with warnings.catch_warnings(record=True) as caught:
+    broken = inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False})
+    with broken, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train(qlora_config(tiny_model_dir, tmp_path, "fallback", True), progress=False)
     ours = [str(w.message) for w in caught if "train.compile" in str(w.message)]

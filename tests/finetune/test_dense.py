@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
 
 import llama
 import lora
@@ -99,3 +100,16 @@ def test_eval_cli_prints_the_check_and_scores_alike_dense_or_not(env, capsys, tm
 def test_eval_dense_rejects_other_values(env, capsys, value):  # noqa: F811
     rc, _, err = run_cli([env["cfg"], "--set", f"eval.dense={value}"], capsys)
     assert rc == 2 and "eval.dense" in err and err.count("\n") == 1
+
+
+def test_eval_compile_without_a_working_compiler_decodes_eager(env, capsys, tmp_path):  # noqa: F811
+    torch._dynamo.reset()
+    broken = inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False})
+    with broken:
+        rc, out, err = run_cli([env["cfg"], "--limit", 2, "--set", "eval.compile=true", "--output", tmp_path],
+                               capsys)
+    assert rc == 0, err
+    lines = [x for x in out.splitlines() if x.startswith("eval.compile")]
+    assert len(lines) == 1 and "does not work on this machine" in lines[0] and "decoding eager" in lines[0]
+    assert json.loads((tmp_path / "metrics.json").read_text())["generation"]["compiled"] is False
+    torch._dynamo.reset()

@@ -103,3 +103,19 @@ def test_check_every_must_be_positive(tiny_model_dir):
     model = llama.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="check_every must be >= 1"):
         llama.generate_ids(model, PROMPTS, check_every=0)
+
+
+def test_a_ready_4d_mask_needs_positions_and_equals_the_2d_mask(tiny_model_dir):
+    model = llama.from_pretrained(tiny_model_dir)
+    ids = torch.randint(3, 512, (2, 6))
+    mask2d = torch.ones(2, 6, dtype=torch.long)
+    mask2d[1, :2] = 0
+    real = mask2d.bool()
+    mask4d = ((torch.arange(6)[None, :] <= torch.arange(6)[:, None]) & real[:, None, :]
+              | torch.eye(6, dtype=torch.bool))[:, None]  # (B, 1, T, S), the diagonal keeps pad rows finite
+    positions = (mask2d.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(ids, mask4d, positions=positions)
+        torch.testing.assert_close(got, model(ids, mask2d), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs positions"):
+        model(ids, mask4d)
