@@ -134,6 +134,8 @@ def convert(gguf: Path, out: Path) -> None:
     tok_cfg_file = out / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_file.read_text())
     tok_cfg["chat_template"] = tok.chat_template  # in the file itself too, where transformers 4 reads it
+    for key in ("local_files_only", "is_local"):  # how this process loaded it, not part of the model
+        tok_cfg.pop(key, None)
     tok_cfg_file.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     (out / "chat_template.jinja").write_text(tok.chat_template)
     missing = [f for f in FILES if not (out / f).is_file()]
