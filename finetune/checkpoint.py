@@ -88,6 +88,17 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
+def _replace_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``. rename cannot replace a non-empty directory, so an
+    existing ``final`` is moved aside to ``old`` first and removed once the new one is in place."""
+    if final.exists():
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and every directory (so their entries are durable too)."""
     for dirpath, _, filenames in os.walk(root):
@@ -134,13 +145,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
         files.write_text_atomic(tmp / INFO_FILE, json.dumps({"step": step, **(info or {})}, indent=2) + "\n",
                                 durable=False)
         _fsync_tree(tmp)
-        if final.exists():  # rename cannot replace a non-empty directory: move the old one aside first
-            old = root / f"{_TMP_PREFIX}old-step-{step}.{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _replace_dir(tmp, final, root / f"{_TMP_PREFIX}old-step-{step}.{os.getpid()}")
         tmp = None
         fsync_path(root)
     except (OSError, RuntimeError) as e:
@@ -521,13 +526,7 @@ def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
                 if (src / name).is_file():
                     files.write_bytes_atomic(tmp / name, (src / name).read_bytes(), durable=False)
         _fsync_tree(tmp)
-        if final.exists():
-            old = out / f"{_TMP_PREFIX}final-old.{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _replace_dir(tmp, final, out / f"{_TMP_PREFIX}final-old.{os.getpid()}")
         tmp = None
     except OSError as e:
         if tmp is not None:
