@@ -37,7 +37,7 @@ def _get(m: dict[str, Any], path: tuple[str, ...]) -> float | None:
 
 
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:10.2f}"
+    return f"{'-':>10}" if x is None else f"{x:10.2f}"
 
 
 def compare_table(metrics: list[dict[str, Any]], names: list[str]) -> str:
@@ -48,7 +48,7 @@ def compare_table(metrics: list[dict[str, Any]], names: list[str]) -> str:
         vals = [None if (v := _get(m, path)) is None else v * scale for m in metrics]
         delta = None if vals[0] is None or vals[-1] is None else vals[-1] - vals[0]
         lines.append(f"{label:26}" + "".join(f" {_fmt(v)}" for v in vals) +
-                     ("           -" if delta is None else f" {delta:+10.2f}"))
+                     (f" {'-':>10}" if delta is None else f" {delta:+10.2f}"))
     return "\n".join(lines)
 
 

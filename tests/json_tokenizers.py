@@ -25,17 +25,25 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def write_byte_level(out: Path, vocab_size: int = 600) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _train_byte_level(specials: list[str], vocab_size: int, seed: int):
+    """A GPT-2 style byte-level BPE trained on the Italian corpus, `specials` first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(hf_fixtures.italian_corpus(2000, seed=3), trainer)
+    tok.train_from_iterator(hf_fixtures.italian_corpus(2000, seed=seed), trainer)
+    return tok
+
+
+def write_byte_level(out: Path, vocab_size: int = 600) -> Path:
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_byte_level(LLAMA3_SPECIALS, vocab_size, seed=3)
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
@@ -64,17 +72,10 @@ def write_sentencepiece_style(out: Path, tokenizer_dir: Path) -> Path:
 
 def write_qwen2_like(out: Path, vocab_size: int = 600) -> Path:
     """Qwen2 / Phi conventions: byte-level BPE, no BOS at all, `<|endoftext|>` pads, `<|im_end|>` ends."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(hf_fixtures.italian_corpus(2000, seed=4), trainer)
+    tok = _train_byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size, seed=4)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     hf.save_pretrained(out)
     return out
