@@ -243,3 +243,23 @@ def to_legacy_family_config(config_path: Path, family: str, dtype: torch.dtype =
     if family == "qwen2":
         cfg.pop("layer_types", None)  # 4.x derives them from use_sliding_window / max_window_layers
     config_path.write_text(json.dumps(cfg, indent=2))
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and their attention mask (1 = real token), as batched generation feeds them."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def hf_generate(ref: torch.nn.Module, prompts: list[list[int]], n: int, eos: int | list[int],
+                pad: int = 0) -> list[list[int]]:
+    """transformers' greedy `generate` on left-padded prompts: the new ids of each row, cut before
+    its first EOS (any of `eos`)."""
+    ids, mask = left_pad(prompts, pad)
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad,
+                           eos_token_id=eos)[:, ids.shape[1]:].tolist()
+    stops = eos if isinstance(eos, list) else [eos]
+    return [row[:min((row.index(e) for e in stops if e in row), default=len(row))] for row in out]

@@ -129,14 +129,6 @@ def test_bf16_logits_close_to_transformers(family_dir):
         assert (a.float() - b.float()).abs().max().item() <= 1e-2, family
 
 
-def hf_generate(ref: nn.Module, prompts: list[list[int]], n: int, eos: int) -> list[list[int]]:
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                           eos_token_id=eos)[:, P:].tolist()
-    return [row[:row.index(eos)] if eos in row else row for row in out]
 
 
 @pytest.mark.parametrize("case", ["mistral-window8", "mixtral-window6-legacy-config", "gemma-mqa-headdim32",
@@ -148,14 +140,14 @@ def test_greedy_generation_equals_transformers_generate(case, tmp_path):
     path = hf_fixtures.make_family_checkpoint(tmp_path, family, initializer_range=0.3, **overrides)
     ours, ref = llama.from_pretrained(path), hf_model(path, family)
     n, eos = 12, 511
-    want = hf_generate(ref, PROMPTS, n, eos)
+    want = hf_fixtures.hf_generate(ref, PROMPTS, n, eos)
     got = llama.generate_ids(ours, PROMPTS, max_new_tokens=n, eos_id=eos, pad_id=0)
     assert got == want
     assert max(len(r) for r in got) == n and len({tuple(r) for r in got}) > 1
     # A mid-way EOS stops each row exactly where transformers stops it, in smaller batches too.
     row = next(r for r in want if len(set(r)) > 2)
     k = next(k for k in range(2, len(row)) if row[k] not in row[:k])
-    want = hf_generate(ref, PROMPTS, n, row[k])
+    want = hf_fixtures.hf_generate(ref, PROMPTS, n, row[k])
     assert llama.generate_ids(ours, PROMPTS, max_new_tokens=n, eos_id=row[k], pad_id=0, batch_size=3) == want
 
 

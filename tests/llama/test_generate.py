@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_fixtures import hf_generate, left_pad
 from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -17,18 +18,8 @@ from llama.generate import decode_step, filter_logits, sample
 PROMPTS = [[1, 45, 300, 17, 9, 88, 120], [1, 5], [1, 400, 401, 402, 7], [1, 33, 34]]
 
 
-def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
-def hf_generate(ref: LlamaForCausalLM, prompts: list[list[int]], n: int, eos: int) -> list[list[int]]:
-    ids, mask = left_pad(prompts)
-    out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                       eos_token_id=eos)[:, ids.shape[1]:].tolist()
-    return [row[:row.index(eos)] if eos in row else row for row in out]
 
 
 def test_kv_cache_decode_equals_full_forward(tiny_model_dir):

@@ -7,6 +7,7 @@ forward (a forward pre-hook on the model) and the device-to-host copies `tolist(
 
 from __future__ import annotations
 
+import hf_fixtures
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -16,14 +17,6 @@ import llama
 PROMPTS = [[1, 45, 300, 17, 9, 88, 120], [1, 5], [1, 400, 401, 402, 7], [1, 33, 34], [1, 7, 8, 9], [1, 250]]
 
 
-def hf_generate(ref: LlamaForCausalLM, prompts: list[list[int]], n: int, eos: list[int]) -> list[list[int]]:
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                           eos_token_id=eos)[:, P:].tolist()
-    return [row[:min((row.index(e) for e in eos if e in row), default=len(row))] for row in out]
 
 
 def early_eos(model: llama.Llama, n: int = 16) -> list[int]:
@@ -42,7 +35,7 @@ def test_several_eos_ids_equal_transformers_and_finished_rows_stop_costing(tiny_
     hook = model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]) or None)
     got = llama.generate_ids(model, PROMPTS, max_new_tokens=16, eos_id=eos, check_every=2)
     hook.remove()
-    assert got == hf_generate(ref, PROMPTS, 16, eos)
+    assert got == hf_fixtures.hf_generate(ref, PROMPTS, 16, eos)
     assert got == [llama.generate_ids(model, [p], max_new_tokens=16, eos_id=eos)[0] for p in PROMPTS]
     finished_early = sum(len(r) < 8 for r in got)
     assert finished_early >= 2

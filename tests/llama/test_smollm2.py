@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import hf_fixtures
 import pytest
 import torch
 
@@ -66,11 +67,6 @@ def ref(smollm2_dir: Path):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
-def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def test_conversion_equals_transformers_reading_the_gguf(smollm2_dir: Path, tmp_path: Path) -> None:
@@ -91,7 +87,7 @@ def test_conversion_equals_transformers_reading_the_gguf(smollm2_dir: Path, tmp_
 
 
 def test_fp32_logits_equal_transformers_left_padded(ours, ref, prompts, tok) -> None:
-    ids, mask = _left_padded(prompts, tok.pad_id)
+    ids, mask = hf_fixtures.left_pad(prompts, tok.pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate passes for left padding
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)
@@ -102,7 +98,7 @@ def test_fp32_logits_equal_transformers_left_padded(ours, ref, prompts, tok) -> 
 
 
 def test_greedy_generation_equals_transformers_generate(ours, ref, prompts, tok) -> None:
-    ids, mask = _left_padded(prompts, tok.pad_id)
+    ids, mask = hf_fixtures.left_pad(prompts, tok.pad_id)
     with torch.no_grad():
         hf = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
                           eos_token_id=None, pad_token_id=tok.pad_id)[:, ids.shape[1]:].tolist()
@@ -115,7 +111,7 @@ def test_nf4_logits_close_to_fp32(smollm2_dir: Path, ours, prompts, tok) -> None
     nf4 = llama.from_pretrained(smollm2_dir, dtype=torch.float32,
                                 linear_hook=quant.nf4(compute_dtype=torch.float32))
     assert sum(isinstance(m, quant.Linear4bit) for m in nf4.modules()) == 30 * 7
-    ids, mask = _left_padded(prompts, tok.pad_id)
+    ids, mask = hf_fixtures.left_pad(prompts, tok.pad_id)
     with torch.no_grad():
         dense, q = ours(ids, attention_mask=mask)[:, -1], nf4(ids, attention_mask=mask)[:, -1]
     rel = ((q - dense).norm() / dense.norm()).item()
