@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import hf_fixtures
@@ -86,3 +87,19 @@ def smollm2_dir() -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.fetch()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A read-only tmpfs mount (root ignores permission bits, so only a read-only mount makes a folder
+    unwritable for these tests); skipped with the reason where mounting is refused."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
