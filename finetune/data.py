@@ -48,7 +48,7 @@ AUTO_RESPONSE_MARKERS = ("[/INST]", "### Response:\n", "### Response:")
 
 
 class TokenizerLike(Protocol):
-    """What this module needs from `llama.Tokenizer` (SentencePiece with Llama-2's conventions)."""
+    """What this module needs from `llama.Tokenizer` (SentencePiece or tokenizer.json)."""
 
     bos_id: int
     eos_id: int

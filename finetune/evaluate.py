@@ -3,10 +3,10 @@
     metrics = run_eval(cfg, adapter=None, baseline=False)   # cfg.eval holds split, limit, batch size...
 
 Flow: rows (``finetune.data``: same file, same seeded split as training) -> prompts tokenised exactly as
-in training (``encode_example``: ``[BOS] + encode(format_prompt(input))``, so the model sees the very ids
-it was trained on) -> base model (4-bit as configured) + adapter -> batched greedy KV-cache decoding
-(``llama.generate_ids``) -> ``finetune.metrics`` -> ``predictions.jsonl``, ``metrics.json``,
-``report.md``, ``plots/*.png`` in the eval output dir.
+in training (``encode_example``: ``templates.prompt_ids``, the chat's generation prompt included, so the
+model sees the very ids it was trained on) -> base model (4-bit as configured) + adapter -> batched
+greedy KV-cache decoding (``llama.generate_ids``) -> ``finetune.metrics`` -> ``predictions.jsonl``,
+``metrics.json``, ``report.md``, ``plots/*.png`` in the eval output dir.
 
 The eval loss is the training loop's own (``finetune.loop.eval_loss``): summed token cross-entropy over the
 response tokens (+ EOS) of the split divided by their count (token-weighted, not a mean of means).
