@@ -28,19 +28,73 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from finetune.errors import UserError
 from finetune.templates import check_template
+from quant import BLOCKSIZES, QUANT_TYPES  # the rules of quant.QuantConfig (no bitsandbytes import)
+
+# ---------------------------------------------------------------------------------------------------
+# the rules a value must follow, declared with its field (``validate`` checks them all in one loop)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of one field's value beyond its type: a range, a set, a pattern or non-emptiness.
+
+    ``says`` is what the error line states ("must be >= 1"); when left empty it is written from the
+    range. A null value of an optional field is never checked (null is the documented default).
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    one_of: tuple[Any, ...] | None = None
+    pattern: str | None = None
+    non_empty: bool = False
+    says: str = ""
+
+    def holds(self, value: Any) -> bool:
+        if self.non_empty:  # a string, or a list of strings none of which is empty
+            return bool(value) and all(value if isinstance(value, list) else [value])
+        if self.one_of is not None:
+            return value in self.one_of
+        if self.pattern is not None:
+            return re.fullmatch(self.pattern, value) is not None
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.lt is None or value < self.lt))
+
+    def text(self, nullable: bool) -> str:
+        if self.says:
+            return self.says
+        if self.ge is not None and self.lt is not None:
+            rule = f"must be in [{_num(self.ge)}, {_num(self.lt)})"
+        elif self.gt is not None:
+            rule = f"must be > {_num(self.gt)}"
+        else:
+            rule = f"must be >= {_num(self.ge)}"
+        return rule + (" or null" if nullable else "")
+
+
+def ruled(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
+    """A dataclass field whose value must satisfy ``Rule(**rule)``."""
+    return field(default=default, default_factory=factory, metadata={"rule": Rule(**rule)})
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_COLUMN = dict(non_empty=True, says="must be a non-empty column name")
 
 
 @dataclass
 class ModelConfig:
     path: str = ""                      # local HF directory (config.json + *.safetensors); required
-    dtype: str = "bfloat16"             # compute dtype on GPU; CPU always computes in float32
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype on GPU; CPU: float32
+    device: str = ruled("auto", pattern=r"auto|cpu|cuda(:\d+)?", says="must be auto, cpu, cuda or cuda:N")
     gradient_checkpointing: bool = False
     prequantized: str | None = None     # directory written by quant.save_quantized, or null
 
@@ -48,65 +102,70 @@ class ModelConfig:
 @dataclass
 class QuantConfig:
     enabled: bool = True
-    quant_type: str = "nf4"             # nf4 | fp4
+    quant_type: Literal[QUANT_TYPES] = "nf4"  # nf4 | fp4 (quant.QUANT_TYPES)
     double_quant: bool = True
-    blocksize: int = 64
+    blocksize: int = ruled(64, one_of=BLOCKSIZES, says="must be a power of two from 32 to 4096")
     skip: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
 
 
 @dataclass
 class LoraConfig:
+    """r, alpha and dropout follow lora's own rules (``lora.layer.check_hyperparameters``)."""
+
     enabled: bool = True
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets: list[str] | str = ruled(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], non_empty=True,
+                                     says="must be a non-empty list of module names, a regex or all-linear")
     use_rslora: bool = False
 
 
 @dataclass
 class DataConfig:
     path: str = ""                      # CSV, JSONL or JSON file; required
-    format: str = "auto"                # auto (by extension) | csv | jsonl | json
-    input_column: str = "input_text"
-    output_column: str = "output_text"
+    format: Literal["auto", "csv", "jsonl", "json"] = "auto"  # auto = by extension
+    input_column: str = ruled("input_text", **_COLUMN)
+    output_column: str = ruled("output_text", **_COLUMN)
     text_column: str | None = None      # a single preformatted text column (guanaco style)
-    tokens_column: str = "tokens"       # token/tag rows (MultiNERD style) ...
-    tags_column: str = "ner_tags"
-    tag_labels: list[str] | None = None  # ... with integer tags indexing this list
+    tokens_column: str = ruled("tokens", **_COLUMN)  # token/tag rows (MultiNERD style) ...
+    tags_column: str = ruled("ner_tags", **_COLUMN)
+    tag_labels: list[str] | None = ruled(None, non_empty=True, says="must be a non-empty list of labels "
+                                         "(e.g. [O, B-PER, I-PER]) or null")  # ... integer tags index it
     template: str = "alpaca"            # alpaca | llama2-chat | chat (the model's own) | a custom string
     instruction: str = "Extract entity from the given input:"
     system: str | None = None           # chat only: the system message (null = the template's default)
-    max_length: int = 128
+    max_length: int = ruled(128, ge=16, says="is too small: must be >= 16 tokens (prompt + response + EOS)")
     train_on_prompt: bool = False
-    shuffle_seed: int = 42
-    train_size: int | None = 4000       # null = every row not taken by the test split
-    test_size: int | None = 1500        # null = 0 test rows
-    response_marker: str | None = None  # text rows: where the response starts (null = auto-detect)
+    shuffle_seed: int = ruled(42, ge=0)
+    train_size: int | None = ruled(4000, ge=1, says="must be >= 1 or null (all rows not in the test split)")
+    test_size: int | None = ruled(1500, ge=0)  # null = 0 test rows
+    response_marker: str | None = ruled(None, non_empty=True, says="must be a non-empty string or null")
+    # ^ text rows: where the response starts (null = auto-detect)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 16
-    max_steps: int | None = None
-    epochs: float = 1.0
-    lr: float = 4.0e-5
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"            # adamw | adamw8bit | paged_adamw8bit
-    scheduler: str = "cosine"           # cosine | linear | constant
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0   # null = no clipping
-    amp: str = "auto"                   # auto | bf16 | fp16 | fp32
-    logging_steps: int = 50
-    eval_steps: int = 50
-    save_steps: int = 50
-    save_total_limit: int | None = 3
-    eval_max_batches: int | None = None
-    ce_chunk_size: int = 1024
-    resume: bool | str = False          # false | true | auto
-    seed: int = 42
+    micro_batch_size: int = ruled(1, ge=1)
+    gradient_accumulation_steps: int = ruled(16, ge=1)
+    max_steps: int | None = ruled(None, ge=1, says="must be >= 1 or null (then train.epochs decides)")
+    epochs: float = ruled(1.0, gt=0)
+    lr: float = ruled(4.0e-5, gt=0)
+    weight_decay: float = ruled(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = ruled(0, ge=0)
+    max_grad_norm: float | None = ruled(1.0, gt=0, says="must be > 0, or null to disable clipping")
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    logging_steps: int = ruled(50, ge=1)
+    eval_steps: int = ruled(50, ge=1)
+    save_steps: int = ruled(50, ge=1)
+    save_total_limit: int | None = ruled(3, ge=1)
+    eval_max_batches: int | None = ruled(None, ge=1)
+    ce_chunk_size: int = ruled(1024, ge=1)
+    resume: bool | Literal["auto"] = False
+    seed: int = ruled(42, ge=0)
     group_by_length: bool = False       # batch examples of similar length together (less padding)
     compile: bool = False               # torch.compile each decoder layer (eager + a warning if unavailable)
 
@@ -114,14 +173,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     adapter: str | None = None          # null = the run's final adapter
-    split: str = "test"                 # test | train
-    limit: int | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 8
+    split: Literal["test", "train"] = "test"
+    limit: int | None = ruled(None, ge=1, says="must be >= 1 or null (all rows)")
+    max_new_tokens: int = ruled(64, ge=1)
+    batch_size: int = ruled(8, ge=1)
     stop_at_eos: bool = True
     compute_loss: bool = True           # also the eval loss (one more forward over the split)
     output_dir: str | None = None
-    dense: bool | str = "auto"          # generate from a dense merged copy: auto (if it fits) | true | false
+    dense: bool | Literal["auto"] = "auto"  # generate from a dense merged copy: auto = if it fits
     compile: bool = False               # torch.compile the decode step (CUDA graphs on CUDA)
 
 
@@ -141,17 +200,6 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig,
                              "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-
-# Closed vocabularies: a value outside these is a typo, reported with the nearest valid value.
-ENUMS: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("bfloat16", "float16", "float32"),
-    "quant.quant_type": ("nf4", "fp4"),
-    "data.format": ("auto", "csv", "jsonl", "json"),
-    "train.optimizer": ("adamw", "adamw8bit", "paged_adamw8bit"),
-    "train.scheduler": ("cosine", "linear", "constant"),
-    "train.amp": ("auto", "bf16", "fp16", "fp32"),
-    "eval.split": ("test", "train"),
-}
 
 _PATH_FIELDS = ("model.path", "model.prequantized", "data.path", "train.output_dir", "eval.adapter",
                 "eval.output_dir")
@@ -211,101 +259,30 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: list[str] | 
 
 
 def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True) -> None:
-    """Check values (ranges, enums, templates, paths); make paths absolute in place. Raise ``UserError``."""
-    def bad(key: str, rule: str, value: Any) -> UserError:
-        return UserError(f"{source}: {key} {rule}, got {_show(value)}")
+    """Check values (declared rules, cross-field rules, templates, paths); make paths absolute in place.
 
-    m, q, lo, d, t, ev = cfg.model, cfg.quant, cfg.lora, cfg.data, cfg.train, cfg.eval
-    for key, allowed in ENUMS.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise UserError(f"{source}: {key} must be one of {', '.join(allowed)}, got {_show(value)}"
-                            f"{_did_you_mean(str(value), allowed)}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device):
-        raise bad("model.device", "must be auto, cpu, cuda or cuda:N", m.device)
-    if not m.path:
+    Raise ``UserError``. Types were checked when the sections were built (``_coerce``); each field's
+    own range or set is declared with it (``ruled``) and checked by one loop here; rules that belong
+    to another package (lora's hyperparameters and regexes, the templates) are asked of that package.
+    """
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rule, value = f.metadata.get("rule"), getattr(getattr(cfg, section), f.name)
+            if rule is None or value is None:
+                continue
+            if not rule.holds(value):
+                nullable = type(None) in typing.get_args(hints[f.name])
+                raise UserError(f"{source}: {section}.{f.name} {rule.text(nullable)}, got {_show(value)}")
+    if not cfg.model.path:
         raise UserError(f"{source}: model.path is required (a local HF model directory with config.json)")
-    if not d.path:
+    if not cfg.data.path:
         raise UserError(f"{source}: data.path is required (a CSV, JSONL or JSON file)")
-
-    if q.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise bad("quant.blocksize", "must be a power of two from 32 to 4096", q.blocksize)
-    if q.enabled and not lo.enabled:
+    if cfg.quant.enabled and not cfg.lora.enabled:
         raise UserError(f"{source}: quant.enabled is true but lora.enabled is false: 4-bit weights cannot "
                         "be trained; set quant.enabled: false for full training, or enable LoRA")
-
-    if lo.r <= 0:
-        raise bad("lora.r", "must be a positive integer", lo.r)
-    if lo.alpha <= 0:
-        raise bad("lora.alpha", "must be > 0", lo.alpha)
-    if not 0.0 <= lo.dropout < 1.0:
-        raise bad("lora.dropout", "must be in [0, 1)", lo.dropout)
-    if isinstance(lo.targets, list):
-        if not lo.targets or not all(lo.targets):
-            raise bad("lora.targets", "must be a non-empty list of module names, a regex or all-linear",
-                      lo.targets)
-    elif lo.targets != "all-linear":
-        try:
-            re.compile(lo.targets)
-        except re.error as e:
-            raise bad("lora.targets", f"is not a valid regex ({e})", lo.targets) from None
-    _check_linear_time_regexes(cfg, source)
-
-    check_template(d.template, source)
-    if d.max_length < 16:
-        raise bad("data.max_length", "is too small: must be >= 16 tokens (prompt + response + EOS)",
-                  d.max_length)
-    if d.tag_labels is not None and not d.tag_labels:
-        raise bad("data.tag_labels", "must be a non-empty list of labels (e.g. [O, B-PER, I-PER]) or null",
-                  d.tag_labels)
-    if d.train_size is not None and d.train_size < 1:
-        raise bad("data.train_size", "must be >= 1 or null (all rows not in the test split)", d.train_size)
-    if d.test_size is not None and d.test_size < 0:
-        raise bad("data.test_size", "must be >= 0 or null", d.test_size)
-    if d.shuffle_seed < 0:
-        raise bad("data.shuffle_seed", "must be >= 0", d.shuffle_seed)
-    for key in ("input_column", "output_column", "tokens_column", "tags_column"):
-        if not getattr(d, key):
-            raise bad(f"data.{key}", "must be a non-empty column name", getattr(d, key))
-    if d.response_marker is not None and not d.response_marker:
-        raise bad("data.response_marker", "must be a non-empty string or null", d.response_marker)
-
-    if t.micro_batch_size < 1:
-        raise bad("train.micro_batch_size", "must be >= 1", t.micro_batch_size)
-    if t.gradient_accumulation_steps < 1:
-        raise bad("train.gradient_accumulation_steps", "must be >= 1", t.gradient_accumulation_steps)
-    if t.max_steps is not None and t.max_steps < 1:
-        raise bad("train.max_steps", "must be >= 1 or null (then train.epochs decides)", t.max_steps)
-    if t.epochs <= 0:
-        raise bad("train.epochs", "must be > 0", t.epochs)
-    if t.lr <= 0:
-        raise bad("train.lr", "must be > 0", t.lr)
-    if t.weight_decay < 0:
-        raise bad("train.weight_decay", "must be >= 0", t.weight_decay)
-    if t.warmup_steps < 0:
-        raise bad("train.warmup_steps", "must be >= 0", t.warmup_steps)
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        raise bad("train.max_grad_norm", "must be > 0, or null to disable clipping", t.max_grad_norm)
-    for key in ("logging_steps", "eval_steps", "save_steps", "ce_chunk_size"):
-        if getattr(t, key) < 1:
-            raise bad(f"train.{key}", "must be >= 1", getattr(t, key))
-    for key in ("save_total_limit", "eval_max_batches"):
-        if getattr(t, key) is not None and getattr(t, key) < 1:
-            raise bad(f"train.{key}", "must be >= 1 or null", getattr(t, key))
-    if isinstance(t.resume, str) and t.resume != "auto":
-        raise bad("train.resume", "must be true, false or auto", t.resume)
-    if isinstance(ev.dense, str) and ev.dense != "auto":
-        raise bad("eval.dense", "must be true, false or auto", ev.dense)
-    if t.seed < 0:
-        raise bad("train.seed", "must be >= 0", t.seed)
-
-    if ev.limit is not None and ev.limit < 1:
-        raise bad("eval.limit", "must be >= 1 or null (all rows)", ev.limit)
-    if ev.max_new_tokens < 1:
-        raise bad("eval.max_new_tokens", "must be >= 1", ev.max_new_tokens)
-    if ev.batch_size < 1:
-        raise bad("eval.batch_size", "must be >= 1", ev.batch_size)
-
+    _check_lora(cfg, source)
+    check_template(cfg.data.template, source)
     for key in _PATH_FIELDS:
         value = _get(cfg, key)
         if value is not None:
@@ -314,13 +291,26 @@ def validate(cfg: RunConfig, source: str = "<config>", check_paths: bool = True)
         _check_paths(cfg, source)
 
 
-def _check_linear_time_regexes(cfg: RunConfig, source: str) -> None:
-    """User regexes matched against module paths (lora.targets, quant.skip) must not be able to backtrack
-    for hours: the same rule as lora's (no repeat or alternation inside a repeat), checked at load."""
+def _check_lora(cfg: RunConfig, source: str) -> None:
+    """lora's hyperparameter rules, and the regexes matched against module paths (lora.targets,
+    quant.skip), which must not be able to backtrack for hours: lora's rule (no repeat or alternation
+    inside a repeat), checked at load."""
     from lora import LoRAError
     from lora.inject import compile_target_regex
+    from lora.layer import check_hyperparameters
 
-    patterns = [("lora.targets", cfg.lora.targets)] if isinstance(cfg.lora.targets, str) else []
+    lo = cfg.lora
+    try:
+        check_hyperparameters(lo.r, lo.alpha, lo.dropout, prefix="lora.")
+    except LoRAError as e:
+        raise UserError(f"{source}: {e}") from None
+    if isinstance(lo.targets, str) and lo.targets != "all-linear":
+        try:
+            re.compile(lo.targets)
+        except re.error as e:
+            raise UserError(f"{source}: lora.targets is not a valid regex ({e}), got {_show(lo.targets)}"
+                            ) from None
+    patterns = [("lora.targets", lo.targets)] if isinstance(lo.targets, str) else []
     patterns += [("quant.skip", p) for p in cfg.quant.skip]
     for key, pattern in patterns:
         if pattern == "all-linear":
@@ -372,7 +362,9 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: str) ->
         try:
             kwargs[key] = _coerce(value, hints[key])
         except _Mismatch as e:
-            raise UserError(f"{source}: {name}.{key} must be {e}, got {_show(value)}") from None
+            expected, *hint = e.args
+            raise UserError(f"{source}: {name}.{key} must be {expected}, got {_show(value)}{''.join(hint)}"
+                            ) from None
     return cls(**kwargs)
 
 
@@ -387,8 +379,13 @@ def _coerce(value: Any, tp: Any) -> Any:
                 return _coerce(value, option)
             except _Mismatch:
                 pass
-        described = " or ".join(_describe(a) for a in options)
-        raise _Mismatch(described + (" or null" if type(None) in args else ""))
+        parts = [part for a in options for part in _alternatives(a)]
+        parts += ["null"] if type(None) in args else []
+        raise _Mismatch(", ".join(parts[:-1]) + " or " + parts[-1])
+    if origin is Literal:  # a closed vocabulary: anything else is a typo, answered with the nearest value
+        if isinstance(value, str) and value in args:
+            return value
+        raise _Mismatch(_describe(tp), _did_you_mean(str(value), args))
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _Mismatch(_describe(tp))
@@ -418,9 +415,20 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch(_describe(tp))
 
 
+def _alternatives(tp: Any) -> list[str]:
+    """The words for each value a type allows, for a union's "true, false or auto"."""
+    if tp is bool:
+        return ["true", "false"]
+    if typing.get_origin(tp) is Literal:
+        return [str(a) for a in typing.get_args(tp)]
+    return [_describe(tp)]
+
+
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return "a list of strings"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -46,6 +46,17 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+def check_hyperparameters(r: int, alpha: float, dropout: float, prefix: str = "") -> None:
+    """The rules every adapter obeys (run configs are checked against these too): rank r a positive
+    integer, alpha > 0, dropout in [0, 1). Raise ``LoRAError`` "<prefix><name> must be ..., got ..."."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise LoRAError(f"{prefix}r must be a positive integer, got {r!r}")
+    if not alpha > 0:
+        raise LoRAError(f"{prefix}alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"{prefix}dropout must be in [0, 1), got {dropout!r}")
+
+
 class LoRALinear(nn.Module):
     """Wraps `base` (kept frozen) and adds `scaling * lora_B(lora_A(lora_dropout(x)))`.
 
@@ -56,12 +67,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise LoRAError(f"LoRA alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        check_hyperparameters(r, alpha, dropout, prefix="LoRA ")
         in_features = getattr(base, "in_features", None)
         out_features = getattr(base, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):

@@ -13,12 +13,28 @@
 Imports none of our other packages (torch, bitsandbytes and safetensors only).
 """
 
-from .apply import make_hook, nf4, quantize_model
-from .config import QuantConfig, QuantError
-from .linear import Linear4bit, dequantize, linear_4bit, to_4bit
-from .report import MemoryReport, estimate_memory, memory_report
-from .saving import load_quantized, save_quantized
+from importlib import import_module
+from typing import Any
 
-__all__ = ["Linear4bit", "MemoryReport", "QuantConfig", "QuantError", "dequantize", "estimate_memory",
-           "linear_4bit", "load_quantized", "make_hook", "memory_report", "nf4", "quantize_model",
-           "save_quantized", "to_4bit"]
+from .config import BLOCKSIZES, QUANT_TYPES, QuantConfig, QuantError
+
+# The rest needs bitsandbytes, whose import takes seconds and prints kernel notices: it loads on first
+# use (PEP 562), so a program that only checks settings against QuantConfig's rules stays fast and quiet.
+_WHERE = {"make_hook": "apply", "nf4": "apply", "quantize_model": "apply",
+          "Linear4bit": "linear", "dequantize": "linear", "linear_4bit": "linear", "to_4bit": "linear",
+          "MemoryReport": "report", "estimate_memory": "report", "memory_report": "report",
+          "load_quantized": "saving", "save_quantized": "saving"}
+
+__all__ = ["BLOCKSIZES", "QUANT_TYPES", "QuantConfig", "QuantError", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'quant' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # found once; later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
