@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.errors import UserError
-
-OUR_PACKAGES = ("finetune", "llama", "lora", "quant")
+from finetune.errors import UserError, error_line, is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,15 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output dir (default: eval.output_dir, else <train.output_dir>/eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def is_user_error(err: BaseException) -> bool:
-    """UserError, or a ValueError subclass raised by one of our packages (llama.LoadError, lora.LoRAError)."""
-    if isinstance(err, UserError):
-        return True
-    cls = type(err)
-    return (isinstance(err, ValueError) and cls is not ValueError
-            and cls.__module__.split(".")[0] in OUR_PACKAGES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_user_error(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     print(format_table(metrics))
     print(f"\nwrote {metrics['files']['report']} (and predictions.jsonl, metrics.json, plots/)")

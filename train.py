@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-OUR_PACKAGES = ("finetune", "llama", "lora", "quant")
+from finetune.errors import error_line, is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,17 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in train.output_dir that verifies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def is_user_error(err: BaseException) -> bool:
-    """UserError, or a ValueError subclass from one of our packages (llama.LoadError, lora.LoRAError, ...)."""
-    from finetune.errors import UserError
-
-    if isinstance(err, UserError):
-        return True
-    cls = type(err)
-    ours = cls.__module__.split(".")[0] in OUR_PACKAGES
-    return isinstance(err, ValueError) and cls is not ValueError and ours
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_user_error(e):
             raise
         if int(os.environ.get("RANK", "0")) == 0:
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
         return 2
     if result.interrupted is not None:
         return 128 + result.interrupted
