@@ -59,7 +59,7 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = files.TMP_PREFIX  # one prefix for every temporary name a run makes
 
 # Test hook (documented, deterministic): FINETUNE_FAULT="<point>:<step>" SIGKILLs this process when
 # `fault_point(point, step)` is reached, e.g. "save:4" halfway through writing checkpoint step-4, or
@@ -107,11 +107,6 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Exclusive temp file in the same directory + fsync + ``os.replace`` (see ``finetune.files``)."""
-    files.write_text_atomic(path, text)
-
-
 class SaveFailed(UserError):
     """Writing a checkpoint (or ``final/``) failed: disk full, I/O error. Nothing complete was touched."""
 
@@ -157,7 +152,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
                          f"(the partial files were removed, checkpoints/latest is unchanged); "
                          f"{last_good_text(output_dir)}") from e
     try:
-        write_text_atomic(root / LATEST, f"{final.name}\n")
+        files.write_text_atomic(root / LATEST, f"{final.name}\n")
     except OSError:
         pass  # `latest` is a hint: the newest complete step-N wins anyway (latest_checkpoint)
     return final

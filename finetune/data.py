@@ -58,6 +58,24 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+@dataclass(frozen=True)
+class Row:
+    """One record of the data file as the loader understood it.
+
+    Either an input/output pair (token/tag rows become one too: tokens joined by spaces, the entity
+    lines as output), or a preformatted ``text`` (guanaco style: ``is_text``, input and output empty).
+    """
+
+    input: str = ""
+    output: str = ""
+    text: str | None = None
+    source: str = "?"                # where it came from ("line 12", "item 3"), for messages
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None
+
+
 @dataclass
 class Example:
     """One tokenised row. ``input_ids[:prompt_len]`` is the prompt (BOS included) to generate from."""
@@ -66,7 +84,7 @@ class Example:
     labels: list[int]
     prompt_len: int = 0
     truncated: bool = False          # the input text was cut to fit max_length
-    row: dict[str, Any] | None = None  # the source row (reference output, input text) for the evaluator
+    row: Row | None = None           # the source row (reference output, input text) for the evaluator
 
 
 @dataclass
@@ -108,10 +126,10 @@ class PreparedData:
 # reading
 
 
-def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Read ``cfg.path`` into ``{"input", "output"}`` (or ``{"text"}``) rows; empty rows are skipped.
+def load_rows(cfg: DataConfig) -> list[Row]:
+    """Read ``cfg.path`` into rows (pairs or preformatted texts); empty rows are skipped.
 
-    Every row also carries ``"source"`` (e.g. ``"line 12"``) for messages. Raise ``UserError`` on a
+    Every row carries its ``source`` (e.g. ``"line 12"``) for messages. Raise ``UserError`` on a
     missing/empty file, bad encoding, malformed records, or missing columns.
     """
     rows, stats = read_rows(cfg)
@@ -120,14 +138,14 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], DataStats]:
+def read_rows(cfg: DataConfig) -> tuple[list[Row], DataStats]:
     """``load_rows`` without the warning, plus the counts (rows read, empty skipped, empty outputs)."""
     path = Path(cfg.path)
     fmt = cfg.format if cfg.format != "auto" else _format_from_suffix(path)
     text = _read_utf8(path)
     records = {"csv": _csv_records, "jsonl": _jsonl_records, "json": _json_records}[fmt](text, path)
     stats = DataStats()
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     mode = None
     for where, record in records:
         if mode is None:
@@ -140,9 +158,8 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], DataStats]:
         if row is None:
             stats.empty_skipped += 1
             continue
-        if mode != "text" and not row["output"].strip():
+        if not row.is_text and not row.output.strip():
             stats.empty_outputs += 1
-        row["source"] = where
         rows.append(row)
     if stats.rows == 0:
         raise UserError(f"data file {path} has no data rows (only a header or blank lines); fill it or "
@@ -252,7 +269,7 @@ def _detect_mode(cfg: DataConfig, record: dict[str, Any], path: Path) -> str:
                     "for token/tag rows")
 
 
-def _convert(cfg: DataConfig, mode: str, record: dict[str, Any], path: Path, where: str) -> dict | None:
+def _convert(cfg: DataConfig, mode: str, record: dict[str, Any], path: Path, where: str) -> Row | None:
     found = ", ".join(map(str, record))
     needed = {"text": [cfg.text_column], "pair": [cfg.input_column, cfg.output_column],
               "tags": [cfg.tokens_column, cfg.tags_column]}[mode]
@@ -261,18 +278,18 @@ def _convert(cfg: DataConfig, mode: str, record: dict[str, Any], path: Path, whe
             raise UserError(f"{path}: {where}: no column '{column}'; columns found: {found}")
     if mode == "text":
         text = _as_text(record[cfg.text_column], cfg.text_column)
-        return {"text": text} if text.strip() else None
+        return Row(text=text, source=where) if text.strip() else None
     if mode == "pair":
         source = _as_text(record[cfg.input_column], cfg.input_column)
         target = _as_text(record[cfg.output_column], cfg.output_column)
-        return {"input": source, "output": target} if source.strip() else None
+        return Row(source, target, source=where) if source.strip() else None
     tokens = _as_list(record[cfg.tokens_column], cfg.tokens_column)
     tags = _as_list(record[cfg.tags_column], cfg.tags_column)
     if not tokens:
         return None
     if len(tokens) != len(tags):
         raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
-    return {"input": " ".join(map(str, tokens)), "output": tags_to_entities(tokens, tags, cfg.tag_labels)}
+    return Row(" ".join(map(str, tokens)), tags_to_entities(tokens, tags, cfg.tag_labels), source=where)
 
 
 def _as_text(value: Any, column: str) -> str:
@@ -306,7 +323,7 @@ def _as_list(value: Any, column: str) -> list:
 
 def tags_to_entities(tokens: Sequence[str], tags: Sequence[int | str],
                      labels: Sequence[str] | None = None) -> str:
-    """Token/tag rows -> the entity output format: one ``span: TYPE`` per line (DESIGN.md).
+    """Token/tag rows -> the entity output format: one ``span: TYPE`` per line (docs/DESIGN.md).
 
     Tags are label strings (``B-PER``, ``I-PER``, ``O``; ``S-``/``E-`` of BIOES and bare ``PER`` are
     accepted) or integers indexing ``labels`` (MultiNERD's ``ner_tags``). ``B-`` (or a type change)
@@ -353,7 +370,7 @@ def tags_to_entities(tokens: Sequence[str], tags: Sequence[int | str],
 # splitting, templates, tokenisation
 
 
-def split_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[Row], cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """Seeded shuffle, then the first ``train_size`` rows train and the last ``test_size`` rows test.
 
     The seeds' layout (``shuffle(df, random_state=42)``, ``head(4000)``, ``tail(1500)``; our shuffle is
@@ -401,27 +418,27 @@ def encode_prompt(tok: TokenizerLike, cfg: DataConfig, input_text: str,
     return None
 
 
-def encode_example(tok: TokenizerLike, cfg: DataConfig, row: dict[str, Any]) -> Example | None:
+def encode_example(tok: TokenizerLike, cfg: DataConfig, row: Row) -> Example | None:
     """Tokenise one row: ``[BOS] prompt | response [EOS]`` (chat: ``prompt | answer <end-of-turn>``);
     None if it cannot fit ``cfg.max_length``.
 
     Prompt tokens get label -100 unless ``cfg.train_on_prompt``; BOS never carries loss; the answer's
     end (EOS or end-of-turn) always does.
     """
-    if "text" in row:
-        split = _split_text_row(cfg, row["text"])
+    if row.is_text:
+        split = _split_text_row(cfg, row.text)
         if split is None:
             return None
         prompt_text, response = split
     else:
-        prompt_text, response = None, row["output"]
+        prompt_text, response = None, row.output
     if prompt_text is None:
         answer = response_ids(tok, cfg, response)
     else:  # a preformatted text row brings its own layout: the answer ends with EOS
         answer = (tok.encode(response, bos=False, eos=False) if response else []) + [tok.eos_id]
     budget = cfg.max_length - len(answer)
     if prompt_text is None:
-        fitted = encode_prompt(tok, cfg, row["input"], budget)
+        fitted = encode_prompt(tok, cfg, row.input, budget)
     else:  # a preformatted text has no separate input to cut
         ids = tok.encode(prompt_text, bos=True, eos=False)
         fitted = (ids, False) if len(ids) <= budget else None
@@ -460,7 +477,7 @@ def prepare(cfg: DataConfig, tok: TokenizerLike) -> PreparedData:
     rows, stats = read_rows(cfg)
     train_rows, test_rows = split_rows(rows, cfg)
     stats.train_rows, stats.test_rows = len(train_rows), len(test_rows)
-    if any("text" not in r for r in rows):
+    if any(not r.is_text for r in rows):
         fixed = len(prompt_ids(tok, cfg, "")) + len(response_ids(tok, cfg, ""))
         if fixed >= cfg.max_length:
             raise UserError(f"data.max_length={cfg.max_length} is too small for the template: the prompt "
@@ -473,13 +490,13 @@ def prepare(cfg: DataConfig, tok: TokenizerLike) -> PreparedData:
         for row in part:
             ex = encode_example(tok, cfg, row)
             if ex is None:
-                if "text" in row and cfg.response_marker and cfg.response_marker not in row["text"]:
+                if row.is_text and cfg.response_marker and cfg.response_marker not in row.text:
                     stats.marker_missing_skipped += 1
                 else:
                     stats.too_long_skipped += 1
-                skipped.append(row.get("source", "?"))
+                skipped.append(row.source)
                 continue
-            if "text" in row and ex.prompt_len == 1 and not cfg.train_on_prompt:
+            if row.is_text and ex.prompt_len == 1 and not cfg.train_on_prompt:
                 stats.unmasked_text_rows += 1
             stats.truncated += ex.truncated
             stats.max_tokens = max(stats.max_tokens, len(ex.input_ids))
@@ -505,6 +522,14 @@ def prepare(cfg: DataConfig, tok: TokenizerLike) -> PreparedData:
     if not train:
         raise UserError(f"{cfg.path}: no training example fits data.max_length={cfg.max_length}; raise it")
     return PreparedData(train=train, test=test, stats=stats)
+
+
+def padding_id(tok: TokenizerLike) -> int:
+    """The id written into padded positions: the tokenizer's pad token, else its EOS (Llama-2 has no
+    pad token). Which id it is does not matter: padding is recognised by position (the attention mask,
+    labels -100), never by id, so EOS keeps its loss where it is real."""
+    pad = getattr(tok, "pad_id", None)
+    return pad if pad is not None and pad >= 0 else tok.eos_id
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ model sees the very ids it was trained on) -> base model (4-bit as configured) +
 greedy KV-cache decoding (``llama.generate_ids``) -> ``finetune.metrics`` -> ``predictions.jsonl``,
 ``metrics.json``, ``report.md``, ``plots/*.png`` in the eval output dir.
 
-The eval loss is the training loop's own (``finetune.loop.eval_loss``): summed token cross-entropy over the
-response tokens (+ EOS) of the split divided by their count (token-weighted, not a mean of means).
+The eval loss is the training loop's own (``finetune.loss.eval_loss``): summed token cross-entropy over
+the response tokens (+ EOS) of the split divided by their count (token-weighted, not a mean of means).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ import torch
 
 from finetune import files, preflight, report, templates
 from finetune import metrics as M
+from finetune import plots as P
 from finetune.config import RunConfig
-from finetune.data import Example, encode_example, load_rows, split_rows
+from finetune.data import Example, Row, encode_example, load_rows, padding_id, split_rows
 from finetune.errors import UserError
-from finetune.loop import eval_loss
+from finetune.loss import eval_loss
 
 NO_ADAPTER = "none"  # --adapter none: score model.path as it is (e.g. a merged export)
 
@@ -101,7 +103,7 @@ def run_dir_of(adapter_dir: Path | None) -> Path | None:
 # data
 
 
-def select_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+def select_rows(cfg: RunConfig) -> list[Row]:
     """The rows of ``cfg.eval.split`` (same seeded split as training), cut to ``cfg.eval.limit``."""
     train_rows, test_rows = split_rows(load_rows(cfg.data), cfg.data)
     rows = test_rows if cfg.eval.split == "test" else train_rows
@@ -117,7 +119,7 @@ def select_rows(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def encode_rows(tok: Any, cfg: RunConfig, rows: Sequence[dict[str, Any]]) -> tuple[list[Example], int]:
+def encode_rows(tok: Any, cfg: RunConfig, rows: Sequence[Row]) -> tuple[list[Example], int]:
     """Tokenise rows as training does; rows that cannot fit ``data.max_length`` are counted, not scored."""
     examples, skipped = [], 0
     for row in rows:
@@ -133,10 +135,10 @@ def encode_rows(tok: Any, cfg: RunConfig, rows: Sequence[dict[str, Any]]) -> tup
 
 
 def _gold_and_input(tok: Any, ex: Example) -> tuple[str, str]:
-    row = ex.row or {}
-    gold = row["output"] if "output" in row else tok.decode(ex.input_ids[ex.prompt_len:-1])
-    source = row["input"] if "input" in row else tok.decode(ex.input_ids[1:ex.prompt_len])
-    return gold, source
+    """The reference answer and the input text; a preformatted text row's are decoded from its ids."""
+    if ex.row is not None and not ex.row.is_text:
+        return ex.row.output, ex.row.input
+    return tok.decode(ex.input_ids[ex.prompt_len:-1]), tok.decode(ex.input_ids[1:ex.prompt_len])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,11 +154,6 @@ def autocast_for(cfg: RunConfig, device: torch.device) -> contextlib.AbstractCon
     if device.type != "cuda" or cfg.model.dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=getattr(torch, cfg.model.dtype))
-
-
-def _pad_id(tok: Any) -> int:
-    """Llama-2 has no pad token; padding is masked by position, so any id does (EOS here)."""
-    return tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
 
 
 def _sync(device: torch.device) -> None:
@@ -187,8 +184,8 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     with tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress, file=sys.stderr) as bar:
         with amp() if amp is not None else contextlib.nullcontext():
             out = llama.generate_ids(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                                     eos_id=eos, pad_id=_pad_id(tok), batch_size=batch_size, compile=compile,
-                                     progress=bar.update)
+                                     eos_id=eos, pad_id=padding_id(tok), batch_size=batch_size,
+                                     compile=compile, progress=bar.update)
     _sync(device)
     return out, time.perf_counter() - start
 
@@ -209,14 +206,14 @@ def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
                         f"{e}") from None
 
 
-def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:
+def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> torch.nn.Module:
     """Base model (quantised as configured) + the adapter, strictly; a mismatch is a one-line UserError."""
     import lora
     from finetune.modeling import load_model
 
     if model_path != cfg.model.path:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    model, tok = load_model(cfg, for_training=False, log=print)  # stdout: stderr is for errors
+    model = load_model(cfg, for_training=False, log=print)  # stdout: stderr is for errors
     if adapter_dir is not None:
         try:
             lora.load_adapter(model, adapter_dir)
@@ -224,7 +221,7 @@ def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> 
             raise UserError(f"cannot use adapter {adapter_dir} with the base model {cfg.model.path}: "
                             f"{e}") from None
     model.eval()
-    return model, tok
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,10 +232,6 @@ def score(golds: Sequence[str], predictions: Sequence[str], inputs: Sequence[str
     """All text metrics of a split (no model needed): entities, ROUGE, BLEU."""
     return {"entities": M.entity_scores(golds, predictions, inputs).to_dict(),
             "rouge": M.rouge(predictions, golds), "bleu": M.bleu(predictions, golds)}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    files.write_text_atomic(path, text, durable=False)  # exclusive temp file, never a planted symlink
 
 
 def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
@@ -257,13 +250,16 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     preflight.check_max_length(cfg.data.max_length, model_path)
     preflight.check_model_weights(model_path)
     rows = select_rows(cfg)
-    model, tok = load_for_eval(cfg, model_path, adapter_dir)
+    import llama
+
+    tok = llama.Tokenizer.from_pretrained(model_path)  # before the model: cheap, and fails first
     examples, skipped = encode_rows(tok, cfg, rows)
+    model = load_for_eval(cfg, model_path, adapter_dir)
     preflight.check_token_ids(examples, model_path, cfg.data.path)
     device = _device_of(model)
     ev = cfg.eval
 
-    pad = _pad_id(tok)
+    pad = padding_id(tok)
     _sync(device)
     t0 = time.perf_counter()
     loss, loss_tokens = None, 0
@@ -331,27 +327,27 @@ def _write_outputs(result: dict[str, Any], out: Path, examples: Sequence[Example
     records = []
     for i, (ex, pred, gold, source) in enumerate(zip(examples, predictions, golds, inputs)):
         parsed, gold_parsed = M.parse_entities(pred), M.parse_entities(gold)
-        records.append({"index": i, "source": (ex.row or {}).get("source"), "input": source, "gold": gold,
-                        "prediction": pred, "entities": [list(e) for e in parsed.entities],
+        records.append({"index": i, "source": ex.row.source if ex.row else None, "input": source,
+                        "gold": gold, "prediction": pred, "entities": [list(e) for e in parsed.entities],
                         "gold_entities": [list(e) for e in gold_parsed.entities],
                         "parse_failed": parsed.failed, "format": parsed.format,
                         "generated_tokens": len(new_ids[i]), "truncated": ex.truncated})
-    _atomic_write(out / "predictions.jsonl",
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    plots = []
-    bars = report.plot_per_type_f1(result["entities"]["per_type"], out / "plots" / "per_type_f1.png")
-    if bars is not None:
-        plots.append(bars)
+    # exclusive temp files, never a planted symlink; durable=False: an evaluation can be re-run
+    files.write_text_atomic(out / "predictions.jsonl",
+                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), durable=False)
+    if P.matplotlib_missing():  # the expensive part is done: no pictures is no reason to fail
+        warnings.warn("matplotlib is not installed: no plots (pip install 'qlora-llama[plot]')", stacklevel=2)
+    pngs = [P.plot_per_type_f1(result["entities"]["per_type"], out / "plots" / "per_type_f1.png")]
     run_dir = run_dir_of(adapter_dir)
     if run_dir is not None:
-        curves = report.plot_training_curves(report.read_metrics_jsonl(run_dir / "metrics.jsonl"),
-                                             out / "plots" / "training_curves.png")
-        if curves is not None:
-            plots.append(curves)
+        pngs.append(P.plot_training_curves(report.read_metrics_jsonl(run_dir / "metrics.jsonl"),
+                                           out / "plots" / "training_curves.png"))
+    plots = [p for p in pngs if p is not None]
     result["run_dir"] = str(run_dir) if run_dir else None
     result["files"] = {"predictions": str(out / "predictions.jsonl"), "metrics": str(out / "metrics.json"),
                        "report": str(out / "report.md"), "plots": [str(p) for p in plots]}
-    _atomic_write(out / "metrics.json", json.dumps(_finite(result), indent=2, ensure_ascii=False) + "\n")
+    files.write_text_atomic(out / "metrics.json", json.dumps(_finite(result), indent=2, ensure_ascii=False)
+                            + "\n", durable=False)
     report.write_report(result, out, plots, samples=records[:5])
     return result
 

@@ -106,7 +106,7 @@ def parse_entities(text: Any) -> ParsedEntities:
     2. Token-tag list: whitespace-separated ``token:TAG`` items with IOB2/IOBES tags
        (``ginseng:B-PLANT extract:O``); ``B-``/``I-`` runs are merged into spans joined by one space.
        Used when every item looks like that, or at least half do and one carries a ``B-``-style tag.
-    3. Lines (the training format, DESIGN.md): one ``span: TYPE`` per line, split at the *last* colon so
+    3. Lines (the training format, docs/DESIGN.md): one ``span: TYPE`` per line, split at the *last* colon so
        "Ore 10:30: TIME" works; list markers ("- ", "1. ") are dropped when every line has one; the type
        must be one word.
 

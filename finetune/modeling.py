@@ -1,6 +1,8 @@
 """Compose the model a run trains or evaluates: llama loader -> (4-bit quant hook) -> LoRA (or full training).
 
-This is the only place where the three packages meet; `train.py` and `eval.py` both call `load_model`.
+This is the only place where the three packages meet: the training loop (``finetune.loop``) and the
+evaluator (``finetune.evaluate``) both call ``load_model``. The tokenizer is theirs to load (first:
+it is cheap and its errors come before a 7B load), once per run.
 Dtypes: on CUDA the frozen base computes in ``model.dtype`` (bf16 by default); on CPU everything is
 fp32 (bf16 matmuls on CPU are slow and fp32 keeps the tests exact). Full training (LoRA off) keeps
 fp32 master weights even on CUDA, so AdamW's small updates are not rounded away; autocast supplies the
@@ -44,8 +46,8 @@ def quant_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
                              compute_dtype=dtype, skip=tuple(q.skip))
 
 
-def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = print) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) as the config says; for training with LoRA injected (or all weights trainable).
+def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = print) -> nn.Module:
+    """The model as the config says; for training with LoRA injected (or all weights trainable).
 
     ``for_training=False`` loads the base only (no LoRA, everything frozen, eval mode): the evaluator
     then attaches a saved adapter with ``lora.load_adapter``. ``log`` receives the memory report and the
@@ -63,7 +65,6 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
     if quantized and full_training:
         raise UserError("4-bit base weights cannot be trained: with lora.enabled false set quant.enabled "
                         "false (and model.prequantized null)")
-    tok = llama.Tokenizer.from_pretrained(cfg.model.path)  # first: cheap, and fails before a 7B load
     if cfg.model.prequantized is not None:
         import quant
 
@@ -105,7 +106,7 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
     trainable, total = lora.count_parameters(model)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
         f"on {device}, compute {str(dtype).removeprefix('torch.')}")
-    return model, tok
+    return model
 
 
 def _plain_memory_report(model: nn.Module) -> str:

@@ -1,8 +1,7 @@
-"""Human-readable output of an evaluation: the console table, report.md, and PNG plots.
+"""Human-readable output of an evaluation: the console table and report.md (the plots: finetune.plots).
 
 Everything reads the plain ``metrics.json`` dict that ``finetune.evaluate`` writes, so a report can be
-rebuilt from the files alone. Plots need matplotlib (the ``plot`` extra); without it they are skipped
-with a warning instead of failing an evaluation that has already done the expensive part.
+rebuilt from the files alone.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,42 +63,7 @@ def format_table(m: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# plots
-
-
-def _pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend, or None (with a warning) if missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no plots (pip install 'qlora-llama[plot]')", stacklevel=3)
-        return None
-    return plt
-
-
-def plot_per_type_f1(per_type: dict[str, dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Horizontal bars of F1 per entity type, labelled with support; None when nothing to plot."""
-    if not per_type:
-        return None
-    plt = _pyplot()
-    if plt is None:
-        return None
-    kinds = list(per_type)
-    f1s = [100 * per_type[k]["f1"] for k in kinds]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(kinds) + 1.2))
-    bars = ax.barh(kinds, f1s, color="#4c72b0")
-    for bar, k in zip(bars, kinds):
-        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2,
-                f"{bar.get_width():.1f} (n={per_type[k]['support']})", va="center", fontsize=8)
-    ax.set_xlim(0, 115)
-    ax.invert_yaxis()
-    ax.set_xlabel("F1 (%)")
-    ax.set_title("Entity F1 per type")
-    fig.tight_layout()
-    return _save(fig, plt, path)
+# files
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -118,57 +81,6 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
-
-
-def plot_training_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Train/eval loss, learning rate, grad norm and throughput against the optimizer step.
-
-    ``records`` are metrics.jsonl lines (``step`` plus any of ``loss``, ``eval_loss``, ``lr``,
-    ``grad_norm``, ``tokens_per_s``); panels without data are left out. None if nothing to plot.
-    """
-    panels = [("loss", ["loss", "eval_loss"]), ("learning rate", ["lr"]), ("grad norm", ["grad_norm"]),
-              ("tokens/s", ["tokens_per_s"])]
-    series = {}
-    for _, keys in panels:
-        for key in keys:
-            points = [(r["step"], r[key]) for r in records
-                      if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
-            if points:
-                series[key] = points
-    panels = [(title, [k for k in keys if k in series]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]
-    if not panels:
-        return None
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, keys) in zip(axes[:, 0], panels):
-        for key in keys:
-            xs, ys = zip(*series[key])
-            ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, markersize=3, label=key)
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend()
-    axes[-1, 0].set_xlabel("optimizer step")
-    fig.suptitle("Training curves")
-    fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: str | os.PathLike) -> Path:  # noqa: ANN001 -- matplotlib objects
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    from finetune.files import write_bytes_atomic
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue(), durable=False)  # never follows a symlink planted at path
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------

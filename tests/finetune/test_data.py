@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from finetune.config import DataConfig
 from finetune.data import (
     IGNORE_INDEX,
+    Row,
     collate,
     encode_example,
     load_rows,
@@ -92,7 +93,7 @@ def user_error(fn, *args, **kwargs) -> str:
 
 @pytest.mark.parametrize("template", ["alpaca", "llama2-chat", SHORT])
 def test_labels_mask_the_prompt_train_eos_and_match_the_reference_tokenizer(tmp_path, tok, hf_tok, template):
-    row = {"input": "Gentile Mario Rossi, la riunione è a Milano.", "output": "Mario Rossi: PER\nMilano: LOC"}
+    row = Row("Gentile Mario Rossi, la riunione è a Milano.", "Mario Rossi: PER\nMilano: LOC")
     cfg = cfg_for(tmp_path / "x.csv", template=template, max_length=400)
     ex = encode_example(tok, cfg, row)
     ids, labels, n = ex.input_ids, ex.labels, ex.prompt_len
@@ -101,17 +102,17 @@ def test_labels_mask_the_prompt_train_eos_and_match_the_reference_tokenizer(tmp_
     assert labels[:n] == [IGNORE_INDEX] * n                              # prompt carries no loss
     assert labels[n:] == ids[n:]                                         # response + EOS do
     # the reference: HF's Llama tokenizer on the prompt text (it adds BOS) and on the response alone
-    prompt = format_prompt(cfg, row["input"])
+    prompt = format_prompt(cfg, row.input)
     assert ids[:n] == hf_tok(prompt)["input_ids"]
-    assert ids[n:-1] == hf_tok(row["output"], add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids[n:-1]) == row["output"]   # what the evaluator decodes from generated ids
+    assert ids[n:-1] == hf_tok(row.output, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[n:-1]) == row.output   # what the evaluator decodes from generated ids
     assert "<s>" not in prompt and "</s>" not in prompt
 
 
 def test_loss_gradient_reaches_exactly_the_response_and_eos(tmp_path, tok):
     """With the loop's HF-style shift, only positions predicting response tokens or EOS get gradient."""
     cfg = cfg_for(tmp_path / "x.csv")
-    ex = encode_example(tok, cfg, {"input": "Ciao Luca Ferrari", "output": "Luca Ferrari: PER"})
+    ex = encode_example(tok, cfg, Row("Ciao Luca Ferrari", "Luca Ferrari: PER"))
     labels = torch.tensor(ex.labels)
     logits = torch.randn(len(labels), 512, requires_grad=True)
     F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").backward()
@@ -123,7 +124,7 @@ def test_loss_gradient_reaches_exactly_the_response_and_eos(tmp_path, tok):
 
 def test_train_on_prompt_reproduces_the_seeds(tmp_path, tok):
     cfg = cfg_for(tmp_path / "x.csv", train_on_prompt=True, template="alpaca", max_length=400)
-    ex = encode_example(tok, cfg, {"input": "Ciao Luca", "output": "Luca: PER"})
+    ex = encode_example(tok, cfg, Row("Ciao Luca", "Luca: PER"))
     assert ex.labels == [IGNORE_INDEX] + ex.input_ids[1:]  # everything but BOS (nothing predicts it)
 
 
@@ -144,7 +145,7 @@ def test_prompt_text_of_each_template():
 def test_llama2_chat_response_starts_with_a_word_token(tmp_path, tok, hf_tok):
     """The space of '[/INST] {output}' is carried by the response's dummy prefix, not left in the prompt."""
     cfg = cfg_for(tmp_path / "x.csv", template="llama2-chat", max_length=400)
-    ex = encode_example(tok, cfg, {"input": "Ciao", "output": "Milano: LOC"})
+    ex = encode_example(tok, cfg, Row("Ciao", "Milano: LOC"))
     first = hf_tok.convert_ids_to_tokens(ex.input_ids[ex.prompt_len])
     last_prompt = hf_tok.convert_ids_to_tokens(ex.input_ids[ex.prompt_len - 1])
     assert first.startswith("▁") and last_prompt != "▁"
@@ -156,7 +157,7 @@ def test_llama2_chat_response_starts_with_a_word_token(tmp_path, tok, hf_tok):
 
 def test_collate_right_pads_and_masks_by_position(tmp_path, tok):
     cfg = cfg_for(tmp_path / "x.csv")
-    rows = [{"input": "Ciao", "output": "x: PER"}, {"input": "Buongiorno, la fattura di Acme", "output": ""}]
+    rows = [Row("Ciao", "x: PER"), Row("Buongiorno, la fattura di Acme", "")]
     examples = [encode_example(tok, cfg, r) for r in rows]
     lengths = [len(e.input_ids) for e in examples]
     pad = tok.eos_id  # Llama-2 has no pad token; pad == EOS must not hide EOS from the loss
@@ -180,11 +181,11 @@ def test_collate_right_pads_and_masks_by_position(tmp_path, tok):
 
 def test_long_input_is_cut_from_its_end_keeping_template_tail_and_whole_response(tmp_path, tok):
     long_input = " ".join(hf_fixtures.italian_corpus(12, seed=3))
-    row = {"input": long_input, "output": "Mario Rossi: PER\nAcme S.p.A.: ORG"}
+    row = Row(long_input, "Mario Rossi: PER\nAcme S.p.A.: ORG")
     cfg = cfg_for(tmp_path / "x.csv", max_length=64)
     ex = encode_example(tok, cfg, row)
     assert ex.truncated and len(ex.input_ids) <= 64
-    response = tok.encode(row["output"], bos=False) + [tok.eos_id]
+    response = tok.encode(row.output, bos=False) + [tok.eos_id]
     assert ex.input_ids[ex.prompt_len:] == response                  # the whole response survives
     prompt = tok.decode(ex.input_ids[1:ex.prompt_len])
     assert prompt.startswith("Testo: ") and prompt.endswith("\nEntità:\n")  # template tail kept
@@ -198,28 +199,28 @@ def test_a_cut_inside_a_multibyte_character_leaves_no_replacement_char(tmp_path,
     """Emoji are byte-fallback tokens (4 per character): most cuts land mid-character."""
     cfg = cfg_for(tmp_path / "x.csv", max_length=40)
     for extra in range(8):
-        row = {"input": "ok " * extra + "🙂🚀🎉" * 10, "output": "x: PER"}
+        row = Row("ok " * extra + "🙂🚀🎉" * 10, "x: PER")
         ex = encode_example(tok, cfg, row)
         assert ex.truncated and len(ex.input_ids) <= 40
         prompt = tok.decode(ex.input_ids[1:ex.prompt_len])
-        assert "\ufffd" not in prompt and row["input"].startswith(prompt[len("Testo: "):-len("\nEntità:\n")])
+        assert "\ufffd" not in prompt and row.input.startswith(prompt[len("Testo: "):-len("\nEntità:\n")])
 
 
 @settings(max_examples=40, deadline=None)
 @given(n_input=st.integers(0, 40), n_output=st.integers(0, 25), max_length=st.integers(16, 90))
 def test_truncation_never_drops_the_response(tok, n_input, n_output, max_length):
     words = hf_fixtures.italian_corpus(8, seed=5)[0].split() * 10
-    row = {"input": " ".join(words[:n_input]) or "x", "output": " ".join(words[:n_output])}
+    row = Row(" ".join(words[:n_input]) or "x", " ".join(words[:n_output]))
     cfg = DataConfig(path="x", template=SHORT, max_length=max_length)
     ex = encode_example(tok, cfg, row)
-    response = (tok.encode(row["output"], bos=False) if row["output"] else []) + [tok.eos_id]
+    response = (tok.encode(row.output, bos=False) if row.output else []) + [tok.eos_id]
     minimal_prompt = len(tok.encode(format_prompt(cfg, ""), bos=True))
     if ex is None:  # only when even an (almost) empty input cannot fit next to the response
         assert minimal_prompt + len(response) > max_length - 2
     else:
         assert len(ex.input_ids) <= max_length
         assert ex.input_ids[ex.prompt_len:] == response and ex.input_ids.count(tok.bos_id) == 1
-        full = len(tok.encode(format_prompt(cfg, row["input"]), bos=True)) + len(response)
+        full = len(tok.encode(format_prompt(cfg, row.input), bos=True)) + len(response)
         assert ex.truncated == (full > max_length)
 
 
@@ -255,16 +256,14 @@ def test_csv_jsonl_json_give_the_same_rows(tmp_path):
               [[r["input_text"], r["output_text"]] for r in records])
     write_jsonl(tmp_path / "d.jsonl", records)
     (tmp_path / "d.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    strip = [{k: v for k, v in r.items() if k != "source"}
-             for r in load_rows(cfg_for(tmp_path / "d.csv"))]
-    assert strip == [{"input": r["input_text"], "output": r["output_text"]} for r in records]
+    strip = [(r.input, r.output) for r in load_rows(cfg_for(tmp_path / "d.csv"))]
+    assert strip == [(r["input_text"], r["output_text"]) for r in records]
     for name in ("d.jsonl", "d.json"):
-        assert [{k: v for k, v in r.items() if k != "source"}
-                for r in load_rows(cfg_for(tmp_path / name))] == strip
+        assert [(r.input, r.output) for r in load_rows(cfg_for(tmp_path / name))] == strip
     # a UTF-8 byte-order mark (spreadsheet export) and CRLF line ends are fine
     raw = (tmp_path / "d.csv").read_text(encoding="utf-8").replace("\r\n", "\n").replace("\n", "\r\n")
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + raw.encode())
-    assert [r["input"] for r in load_rows(cfg_for(tmp_path / "bom.csv"))] == [r["input"] for r in strip]
+    assert [(r.input, r.output) for r in load_rows(cfg_for(tmp_path / "bom.csv"))] == strip
     # forced format for an unusual extension
     (tmp_path / "d.txt").write_text((tmp_path / "d.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     assert len(load_rows(cfg_for(tmp_path / "d.txt", format="jsonl"))) == 21
@@ -273,7 +272,7 @@ def test_csv_jsonl_json_give_the_same_rows(tmp_path):
 def test_configurable_columns_and_sources(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"mail": "Ciao Mario", "ents": "Mario: PER", "id": 1}])
     rows = load_rows(cfg_for(path, input_column="mail", output_column="ents"))
-    assert rows == [{"input": "Ciao Mario", "output": "Mario: PER", "source": "line 1"}]
+    assert rows == [Row("Ciao Mario", "Mario: PER", source="line 1")]
 
 
 def test_empty_rows_skipped_and_counted_empty_outputs_kept(tmp_path, tok):
@@ -283,7 +282,7 @@ def test_empty_rows_skipped_and_counted_empty_outputs_kept(tmp_path, tok):
     assert (stats.rows, stats.empty_skipped, stats.empty_outputs, len(rows)) == (4, 2, 1, 2)
     with pytest.warns(UserWarning, match="skipped 2 empty rows"):
         ds = prepare(cfg_for(path), tok)
-    no_entities = [e for e in ds.train if e.row["output"] == ""][0]
+    no_entities = [e for e in ds.train if e.row.output == ""][0]
     assert no_entities.input_ids[no_entities.prompt_len:] == [tok.eos_id]  # learns to stop at once
 
 
@@ -344,14 +343,14 @@ def test_multinerd_rows_end_to_end(tmp_path, tok):
     ]
     path = write_jsonl(tmp_path / "m.jsonl", records)
     rows, stats = read_rows(cfg_for(path, tag_labels=MULTINERD_LABELS))
-    assert [(r["input"], r["output"]) for r in rows] == [
+    assert [(r.input, r.output) for r in rows] == [
         ("Each included ginseng .", "ginseng: PLANT"),
         ("Mario Rossi lives in Rome .", "Mario Rossi: PER\nRome: LOC"),
         ("Nothing here .", "")]
     assert stats.empty_skipped == 1 and stats.empty_outputs == 1
     # string tags need no label list; CSV cells may hold JSON lists
     csv_path = write_csv(tmp_path / "m.csv", ["tokens", "ner_tags"], [['["Roma", "!"]', '["B-LOC", "O"]']])
-    assert load_rows(cfg_for(csv_path))[0]["output"] == "Roma: LOC"
+    assert load_rows(cfg_for(csv_path))[0].output == "Roma: LOC"
     msg = user_error(load_rows, cfg_for(path))
     assert f"{path}: line 1: tags are integers but data.tag_labels is not set" in msg
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "ner_tags": [0]}])
@@ -363,11 +362,11 @@ def test_multinerd_rows_end_to_end(tmp_path, tok):
 
 
 def test_split_is_seeded_disjoint_and_sized(tmp_path):
-    rows = [{"input": str(i), "output": ""} for i in range(50)]
+    rows = [Row(str(i), "") for i in range(50)]
     cfg = DataConfig(path="d.csv", train_size=30, test_size=15, shuffle_seed=42)
     train, test = split_rows(rows, cfg)
     assert (len(train), len(test)) == (30, 15)
-    assert not {r["input"] for r in train} & {r["input"] for r in test}
+    assert not {r.input for r in train} & {r.input for r in test}
     assert split_rows(rows, cfg) == (train, test)
     other_seed = DataConfig(path="d.csv", train_size=30, test_size=15, shuffle_seed=1)
     assert split_rows(rows, other_seed) != (train, test)
@@ -380,7 +379,7 @@ def test_split_is_seeded_disjoint_and_sized(tmp_path):
 
 
 def test_split_errors():
-    rows = [{"input": str(i), "output": ""} for i in range(10)]
+    rows = [Row(str(i), "") for i in range(10)]
     msg = user_error(split_rows, rows, DataConfig(path="d.csv", test_size=11))
     assert "data.test_size=11 is larger than the data: d.csv has 10 usable rows" in msg
     msg = user_error(split_rows, rows, DataConfig(path="d.csv", train_size=8, test_size=5))
@@ -398,7 +397,7 @@ def test_prepare_end_to_end_with_the_seeds_split(tmp_path, tok):
     assert ds.stats.train_tokens == sum(len(e.input_ids) for e in ds.train)
     assert ds.stats.train_target_tokens == sum(sum(x != IGNORE_INDEX for x in e.labels) for e in ds.train)
     for e in ds.test:  # the evaluator's prompt is exactly the encoded prompt text
-        assert e.input_ids[:e.prompt_len] == tok.encode(format_prompt(ds_cfg(path), e.row["input"]), bos=True)
+        assert e.input_ids[:e.prompt_len] == tok.encode(format_prompt(ds_cfg(path), e.row.input), bos=True)
 
 
 def ds_cfg(path: Path) -> DataConfig:

@@ -139,15 +139,15 @@ def test_variety(rows: list[dict[str, str]]) -> None:
 def test_labelled_csv_through_the_loader_and_the_seeds_split(rows: list[dict[str, str]]) -> None:
     cfg = DataConfig(path=str(DATA_CSV))
     loaded = load_rows(cfg)
-    assert [(r["input"], r["output"]) for r in loaded] == [(r["input_text"], r["output_text"]) for r in rows]
+    assert [(r.input, r.output) for r in loaded] == [(r["input_text"], r["output_text"]) for r in rows]
     train, test = split_rows(loaded, cfg)
     assert (len(train), len(test)) == (4000, 1500)
 
 
 def test_unlabelled_corpus_is_text_rows_disjoint_from_the_labelled_emails(rows) -> None:
     loaded = load_rows(DataConfig(path=str(UNLABELLED), text_column="text", train_size=None, test_size=None))
-    assert len(loaded) == gen.UNLABELLED_ROWS and all(set(r) >= {"text"} for r in loaded)
-    assert not {r["text"] for r in loaded} & {r["input_text"] for r in rows}
+    assert len(loaded) == gen.UNLABELLED_ROWS and all(r.is_text for r in loaded)
+    assert not {r.text for r in loaded} & {r["input_text"] for r in rows}
     assert UNLABELLED.stat().st_size < 15e6 and DATA_CSV.stat().st_size < 5e6
 
 

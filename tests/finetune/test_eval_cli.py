@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import eval as eval_cli
-from finetune import report
+from finetune import plots, report
 from finetune.evaluate import score
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ def test_eval_end_to_end_matches_transformers_and_peft(env, capsys) -> None:
             new = gen[0, ex.prompt_len:].tolist()
             new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
             assert tok.decode(new) == pred["prediction"]
-            assert pred["gold"] == row["output"] and pred["input"] == row["input"]
+            assert pred["gold"] == row.output and pred["input"] == row.input
     loss, count = hf_response_loss(hf, tok, cfg, rows)
     assert m["loss"]["tokens"] == count
     assert m["loss"]["eval_loss"] == pytest.approx(loss, rel=1e-5)
@@ -261,7 +261,7 @@ def test_table_report_and_plots(tmp_path: Path) -> None:
     table = report.format_table(m)
     assert "micro F1" in table and " 66.67" in table   # 2 of 3 predicted correct, 2 of 3 gold
     assert "n/a" in table                              # NaN loss shown as n/a, not as a crash
-    bars = report.plot_per_type_f1(m["entities"]["per_type"], tmp_path / "plots" / "f1.png")
+    bars = plots.plot_per_type_f1(m["entities"]["per_type"], tmp_path / "plots" / "f1.png")
     path = report.write_report(m, tmp_path, [bars], samples=[{"input": "a", "gold": "b", "prediction": "c"}])
     text = path.read_text()
     assert "| ORG | 50.00 | 100.00 | 66.67 | 1 | 2 |" in text and "](plots/f1.png)" in text
@@ -277,9 +277,9 @@ def test_training_curves_from_metrics_jsonl(tmp_path: Path) -> None:
                    '{"step": 3, "loss": 1.')  # a line cut by a crash
     records = report.read_metrics_jsonl(log)
     assert [r["step"] for r in records] == [1, 2, 2]
-    png = report.plot_training_curves(records, tmp_path / "curves.png")
+    png = plots.plot_training_curves(records, tmp_path / "curves.png")
     assert png is not None and png.read_bytes()[:8] == PNG_MAGIC
-    assert report.plot_training_curves([{"step": 1}], tmp_path / "none.png") is None
+    assert plots.plot_training_curves([{"step": 1}], tmp_path / "none.png") is None
 
 
 def test_merged_export_scores_like_base_plus_adapter(env, capsys, tmp_path: Path) -> None:

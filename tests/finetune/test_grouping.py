@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.config import TrainConfig, load_config
 from finetune.data import prepare
-from finetune.loop import make_plan
+from finetune.plan import make_plan
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,15 +24,10 @@ import lora  # noqa: E402
 from finetune import checkpoint as ckpt  # noqa: E402
 from finetune.config import config_from_dict, load_config  # noqa: E402
 from finetune.data import IGNORE_INDEX, Example, collate  # noqa: E402
-from finetune.loop import (  # noqa: E402
-    TrainingDiverged,
-    chunked_ce_sum,
-    eval_loss,
-    lr_factor,
-    make_plan,
-    train,
-    window_backward,
-)
+from finetune.loop import TrainingDiverged, train  # noqa: E402
+from finetune.loss import chunked_ce_sum, eval_loss, window_backward  # noqa: E402
+from finetune.optim import lr_factor  # noqa: E402
+from finetune.plan import make_plan  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -322,7 +317,7 @@ def test_qlora_on_cpu_streams_4bit_and_prequantized_is_identical(tiny_model_dir,
 def test_unpadded_batches_run_without_a_mask_and_give_the_same_loss(tiny_model_dir):
     """device_mask drops an all-ones mask (so SDPA may use flash/GQA kernels); the loss is unchanged."""
     import llama
-    from finetune.loop import chunked_ce_sum, device_mask
+    from finetune.loss import chunked_ce_sum, device_mask
 
     full = torch.ones(2, 6, dtype=torch.long)
     padded = full.clone()

@@ -303,7 +303,7 @@ def test_csv_cell_longer_than_csv_default_limit_is_read(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text(f'input_text,output_text\n"{long_email}",x: PER\nbreve,y: ORG\n', encoding="utf-8")
     rows = load_rows(DataConfig(path=str(path), train_size=None, test_size=None))
-    assert [len(r["input"]) for r in rows] == [len(long_email), 5]
+    assert [len(r.input) for r in rows] == [len(long_email), 5]
     import csv
 
     assert csv.field_size_limit() == 131072  # the process-wide default is restored
