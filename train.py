@@ -3,7 +3,8 @@
     python train.py CONFIG.yaml [--set section.key=value ...] [--resume] [--no-progress]
     torchrun --nproc_per_node N train.py CONFIG.yaml ...      # DistributedDataParallel, N ranks
 
-Writes <train.output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/, plots/loss.png}.
+Writes <train.output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/, plots/loss.png,
+tensorboard/ (when the tensorboard package is installed)}.
 Exit codes: 0 done; 2 a mistake the user can fix (one ``error:`` line on stderr, no traceback: bad
 config or data, a run dir that would be overwritten or is in use by another run, a full disk, a
 diverged loss); 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume;

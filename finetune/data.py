@@ -224,10 +224,7 @@ def _jsonl_records(text: str, path: Path):
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        record = _parse_json(line, path, number)
         if not isinstance(record, dict):
             raise UserError(f"{path}: line {number}: expected a JSON object per line, got "
                             f"{type(record).__name__}")
@@ -235,10 +232,7 @@ def _jsonl_records(text: str, path: Path):
 
 
 def _json_records(text: str, path: Path):
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    data = _parse_json(text, path)
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of objects, got {type(data).__name__} (for one "
                         "object per line use .jsonl)")
@@ -246,6 +240,16 @@ def _json_records(text: str, path: Path):
         if not isinstance(record, dict):
             raise UserError(f"{path}: item {index}: expected a JSON object, got {type(record).__name__}")
         yield f"item {index}", record
+
+
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """``json.loads``, or one line naming the file, the line and the column (``line``: ``text`` is
+    that line of the file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {line or e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                        ) from None
 
 
 def _detect_mode(cfg: DataConfig, record: dict[str, Any], path: Path) -> str:

@@ -241,6 +241,8 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     ``adapter``: a PEFT adapter dir, ``"none"``, or None (``eval.adapter``, else the run's ``final``);
     ``baseline``: the base model without adapter (default output ``<run>/eval-baseline``).
     """
+    import llama
+
     model_path, adapter_dir = resolve_weights(cfg, adapter, baseline)
     out = resolve_output_dir(cfg, output_dir, baseline)
     # everything that can fail in seconds fails before the (slow) model load and the generation:
@@ -250,41 +252,21 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     preflight.check_max_length(cfg.data.max_length, model_path)
     preflight.check_model_weights(model_path)
     rows = select_rows(cfg)
-    import llama
-
-    tok = llama.Tokenizer.from_pretrained(model_path)  # before the model: cheap, and fails first
+    tok = llama.Tokenizer.from_pretrained(model_path)
     examples, skipped = encode_rows(tok, cfg, rows)
-    model = load_for_eval(cfg, model_path, adapter_dir)
     preflight.check_token_ids(examples, model_path, cfg.data.path)
-    device = _device_of(model)
-    ev = cfg.eval
+    model = load_for_eval(cfg, model_path, adapter_dir)
+    device, ev = _device_of(model), cfg.eval
 
-    pad = padding_id(tok)
-    _sync(device)
-    t0 = time.perf_counter()
-    loss, loss_tokens = None, 0
-    if ev.compute_loss:  # the training loop's own eval loss: token-weighted CE over response tokens (+ EOS),
-        # on the weights exactly as trained (before any dense merge below)
-        loss, loss_tokens = eval_loss(model, examples, pad, ev.batch_size, cfg.train.ce_chunk_size, device,
-                                      amp=lambda: autocast_for(cfg, device))
-    _sync(device)
-    loss_s = time.perf_counter() - t0
-
+    loss, loss_tokens, loss_s = None, 0, 0.0
+    if ev.compute_loss:  # the training loop's own eval loss, on the weights as trained (before a dense merge)
+        loss, loss_tokens, loss_s = _timed_eval_loss(model, examples, padding_id(tok), cfg)
     from finetune.dense import maybe_densify
 
     t0 = time.perf_counter()
     dense = maybe_densify(model, ev.dense)
     dense_s = time.perf_counter() - t0
-    compiled = False
-    if ev.compile:
-        from finetune.compiling import compiler_problem
-
-        problem = compiler_problem(device)
-        if problem is None:
-            compiled = True
-        else:
-            print(f"eval.compile: true, but torch.compile does not work on this machine ({problem}); "
-                  "decoding eager")
+    compiled = ev.compile and _compiler_works(device)
     prompts = [ex.input_ids[:ex.prompt_len] for ex in examples]
     new_ids, gen_s = generate_answers(model, tok, prompts, ev.max_new_tokens, ev.batch_size, ev.stop_at_eos,
                                       progress, lambda: autocast_for(cfg, device), compile=compiled,
@@ -292,6 +274,7 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     predictions = [tok.decode(ids) for ids in new_ids]
     # tokens the decoder produced: the kept ones plus the EOS that ended a row early
     n_generated = sum(len(ids) + (ev.stop_at_eos and len(ids) < ev.max_new_tokens) for ids in new_ids)
+    per_s = (lambda n: n / gen_s) if gen_s > 0 else (lambda n: 0.0)
 
     golds, inputs = zip(*(_gold_and_input(tok, ex) for ex in examples))
     result: dict[str, Any] = {
@@ -305,11 +288,9 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
         "loss": {"eval_loss": loss, "perplexity": None if loss is None else M.perplexity(loss),
                  "tokens": loss_tokens},
         "timing": {"generate_s": gen_s, "per_example_s": gen_s / len(examples),
-                   "generated_tokens": n_generated, "tokens_per_s": n_generated / gen_s if gen_s > 0 else 0.0,
-                   "loss_s": loss_s, "dense_s": dense_s, "examples_per_s": len(examples) / gen_s if gen_s > 0
-                   else 0.0},
+                   "generated_tokens": n_generated, "tokens_per_s": per_s(n_generated), "loss_s": loss_s,
+                   "dense_s": dense_s, "examples_per_s": per_s(len(examples))},
     }
-
     try:
         return _write_outputs(result, out, examples, predictions, golds, inputs, new_ids, adapter_dir)
     except OSError as e:  # the scores exist: show them rather than lose minutes of generation
@@ -318,6 +299,29 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
                         f"space or pass another --output (scores of this run: micro F1 "
                         f"{100 * e_['f1']:.2f}%, precision {100 * e_['precision']:.2f}%, recall "
                         f"{100 * e_['recall']:.2f}%)") from None
+
+
+def _timed_eval_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, cfg: RunConfig
+                     ) -> tuple[float, int, float]:
+    """(token-weighted CE over the response tokens + EOS, their count, seconds)."""
+    device = _device_of(model)
+    _sync(device)
+    t0 = time.perf_counter()
+    loss, n = eval_loss(model, examples, pad_id, cfg.eval.batch_size, cfg.train.ce_chunk_size, device,
+                        amp=lambda: autocast_for(cfg, device))
+    _sync(device)
+    return loss, n, time.perf_counter() - t0
+
+
+def _compiler_works(device: torch.device) -> bool:
+    """eval.compile asks for a compiled decode step; without a working compiler say so and decode eager."""
+    from finetune.compiling import compiler_problem
+
+    problem = compiler_problem(device)
+    if problem is not None:
+        print(f"eval.compile: true, but torch.compile does not work on this machine ({problem}); "
+              "decoding eager")
+    return problem is None
 
 
 def _write_outputs(result: dict[str, Any], out: Path, examples: Sequence[Example], predictions: Sequence[str],

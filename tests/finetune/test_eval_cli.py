@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import eval as eval_cli
+import train as train_cli
 from finetune import plots, report
 from finetune.evaluate import score
 
@@ -239,6 +240,13 @@ def test_real_bugs_keep_their_traceback() -> None:
     assert eval_cli.is_user_error(lora.LoRAError("x"))
     assert not eval_cli.is_user_error(ValueError("x"))      # a plain ValueError is a bug, not user input
     assert not eval_cli.is_user_error(KeyError("x"))
+
+
+def test_both_clis_print_a_user_error_as_one_line() -> None:
+    from finetune.errors import error_line
+
+    assert error_line(ValueError("bad value\n  in line 2\t(fix it)")) == "error: bad value in line 2 (fix it)"
+    assert train_cli.is_user_error is eval_cli.is_user_error  # one rule for what is the user's mistake
 
 
 # ---------------------------------------------------------------------------------------------------

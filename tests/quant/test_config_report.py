@@ -110,3 +110,22 @@ def test_bits_per_param_of_a_large_layer(double_quant: bool) -> None:
     assert bits == pytest.approx(expected, rel=1e-9)
     # Without the per-layer code tables (negligible at 7B sizes) this is the paper's ~4.127 / 4.5.
     assert bits - code_tables == pytest.approx(4.127 if double_quant else 4.5, abs=1e-3)
+
+
+def test_importing_quant_and_checking_its_rules_does_not_load_bitsandbytes() -> None:
+    """finetune.config checks quant settings against quant's own rules at every config load; that must
+    stay cheap and quiet (bitsandbytes' import prints kernel notices), so bitsandbytes loads on first
+    use of a layer, and then it does load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import quant; from finetune.config import QuantConfig; QuantConfig(); "
+            "print('bitsandbytes' in sys.modules); quant.Linear4bit; print('bitsandbytes' in sys.modules)")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        quant.nope  # noqa: B018
