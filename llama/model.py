@@ -35,7 +35,7 @@ def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) ->
     llama3 (Meta's Llama-3.1 `apply_scaling`): with wavelength w_i = 2*pi/f_i and L = original
       context, keep f_i where w_i < L/high_freq_factor, use f_i/factor where w_i > L/low_freq_factor,
       and in between interpolate (1-s)*f_i/factor + s*f_i with s = (L/w_i - low)/(high - low).
-    dynamic (NTK-aware, bloc97 2023) depends on the sequence length and is done in `rope_cos_sin`.
+    dynamic (NTK-aware, bloc97 2023) depends on the sequence length and is done in `RotaryEmbedding.forward`.
     """
     d = cfg.rotary_dim  # head_dim, or Phi's partial_rotary_factor * head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
@@ -191,7 +191,7 @@ class LlamaAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if mask is None and _HAS_GQA:
             # No mask: flash/cuDNN take GQA natively. With a mask, enable_gqa would fall back to the
-            # math kernel (O(T^2) memory), so there we expand K/V and keep the memory-efficient kernel.
+            # math kernel (O(T^2) memory), so the masked branch below folds the query heads instead.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1, dropout_p=p)
         elif mask is not None and groups > 1:
             # Fold each K/V head's query heads into the query length instead of copying K/V `groups`

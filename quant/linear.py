@@ -2,7 +2,7 @@
 
 Storage is bitsandbytes' own (`Params4bit` + `QuantState`, its quantiser, its state_dict
 serialisation), so `isinstance(m, bnb.nn.Linear4bit)` and `m.weight.quant_state` hold. The compute
-path is ours: measured on an H100 (see DESIGN.md, "Performance model"), a `bnb.nn.Linear4bit` call
+path is ours: measured on an H100 (see docs/DESIGN.md, "Performance model"), a `bnb.nn.Linear4bit` call
 costs 0.6-0.9 ms per linear regardless of size, mostly overhead, while `dequantize_4bit` takes ~0.1 ms
 and the bf16 matmul 0.2-0.5 ms. So forward = dequantise + one matmul in the compute dtype; backward =
 dequantise again + one matmul for the input gradient. The 16-bit weight is never saved for backward

@@ -10,7 +10,7 @@ with randomised subject line, greeting, extra sentences, sign-off and signature,
 alternatives `[[a|b]]` inside templates. Names and places come from Faker's it_IT lists; companies,
 phones, amounts, dates, IBANs and invoice numbers are composed here in the usual Italian formats.
 
-Labels (`output_text`, the entity format of DESIGN.md): one `text: TYPE` line per distinct entity, in
+Labels (`output_text`, the entity format of docs/DESIGN.md): one `text: TYPE` line per distinct entity, in
 order of first appearance; types PER, ORG, LOC, DATE, EMAIL, PHONE, MONEY, IBAN, INVOICE. Every span
 is recorded while the template is rendered, so it occurs verbatim in `input_text` by construction.
 Conventions (kept consistent so that a small model can learn them): titles stay outside PER

@@ -1,4 +1,4 @@
-"""`import lora` alone: a fresh interpreter without llama/quant/bitsandbytes runs the README example."""
+"""`import lora` alone: a fresh interpreter without llama/quant/bitsandbytes runs the docs/lora.md example."""
 
 from __future__ import annotations
 
