@@ -131,11 +131,7 @@ def make_hf_checkpoint(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    model = model.to(dtype)
-    kwargs: dict[str, Any] = {"safe_serialization": True}
-    if max_shard_size is not None:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out_dir, **kwargs)
+    _save(model, out_dir, dtype, max_shard_size)
     if legacy_config:
         to_legacy_config(out_dir / "config.json", dtype)
     if tokenizer:
@@ -218,11 +214,7 @@ def make_family_checkpoint(
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif ".gate." in name:  # the MoE router (not gate_proj)
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)  # routing that is far from uniform
-    model = model.to(dtype)
-    kwargs: dict[str, Any] = {"safe_serialization": True}
-    if max_shard_size is not None:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out_dir, **kwargs)
+    _save(model, out_dir, dtype, max_shard_size)
     if legacy_config:
         to_legacy_family_config(out_dir / "config.json", family, dtype)
     return out_dir
@@ -263,3 +255,11 @@ def hf_generate(ref: torch.nn.Module, prompts: list[list[int]], n: int, eos: int
                            eos_token_id=eos)[:, ids.shape[1]:].tolist()
     stops = eos if isinstance(eos, list) else [eos]
     return [row[:min((row.index(e) for e in stops if e in row), default=len(row))] for row in out]
+
+
+def _save(model: Any, out_dir: Path, dtype: Any, max_shard_size: str | None) -> None:
+    """save_pretrained as safetensors in ``dtype`` (sharded when ``max_shard_size`` is given)."""
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.to(dtype).save_pretrained(out_dir, **kwargs)

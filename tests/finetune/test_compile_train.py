@@ -27,14 +27,6 @@ REL_TOL = 1e-4
 
 
 @pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def one_layer_dir(make_checkpoint) -> Path:
     """One decoder layer, micro-batches of 1 (no padding mask): few distinct graphs to compile on 2 cores."""
     return make_checkpoint(num_hidden_layers=1, tokenizer=True)

@@ -32,15 +32,6 @@ from finetune.plan import make_plan  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-reproducible CPU maths across the runs a test compares."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lora_model(model_dir: Path, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> torch.nn.Module:
     """The tiny Llama with LoRA whose B is random (B = 0 would give A no gradient), no dropout."""
     torch.manual_seed(0)
