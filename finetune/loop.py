@@ -333,7 +333,10 @@ class MetricsSink:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, entry["step"])
 
-    def close(self) -> None:
+    def __enter__(self) -> MetricsSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # also on a crash: TensorBoard keeps what was logged
         if self.writer is not None:
             self.writer.close()
 
@@ -447,7 +450,7 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
     bar = tqdm(total=plan.total_steps, initial=result.step, disable=not (progress and di.main), desc="train",
                unit="step", dynamic_ncols=True, file=sys.stderr)
     run.model.train()
-    with StopSignal() as stop, bar:
+    with StopSignal() as stop, bar, sink:
         while result.step < plan.total_steps:
             s = _optimizer_step(run, result.step, stop)
             step = result.step = result.step + 1
@@ -475,7 +478,6 @@ def _train(cfg: RunConfig, di: DistInfo, progress: bool) -> TrainResult:
                 break
     if result.interrupted is None and di.main:
         result.final_dir = _finish(run, sink.history)
-    sink.close()
     if di.world > 1:
         dist.barrier()
     return result
