@@ -50,7 +50,6 @@ class Rule:
 
     ge: float | None = None
     gt: float | None = None
-    lt: float | None = None
     one_of: tuple[Any, ...] | None = None
     pattern: str | None = None
     non_empty: bool = False
@@ -63,18 +62,12 @@ class Rule:
             return value in self.one_of
         if self.pattern is not None:
             return re.fullmatch(self.pattern, value) is not None
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.lt is None or value < self.lt))
+        return (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
 
     def text(self, nullable: bool) -> str:
         if self.says:
             return self.says
-        if self.ge is not None and self.lt is not None:
-            rule = f"must be in [{_num(self.ge)}, {_num(self.lt)})"
-        elif self.gt is not None:
-            rule = f"must be > {_num(self.gt)}"
-        else:
-            rule = f"must be >= {_num(self.ge)}"
+        rule = f"must be > {_num(self.gt)}" if self.gt is not None else f"must be >= {_num(self.ge)}"
         return rule + (" or null" if nullable else "")
 
 
