@@ -52,6 +52,7 @@ class TokenizerLike(Protocol):
 
     bos_id: int
     eos_id: int
+    pad_id: int | None               # None (or -1 from SentencePiece) when the model has no pad token
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
@@ -532,8 +533,7 @@ def padding_id(tok: TokenizerLike) -> int:
     """The id written into padded positions: the tokenizer's pad token, else its EOS (Llama-2 has no
     pad token). Which id it is does not matter: padding is recognised by position (the attention mask,
     labels -100), never by id, so EOS keeps its loss where it is real."""
-    pad = getattr(tok, "pad_id", None)
-    return pad if pad is not None and pad >= 0 else tok.eos_id
+    return tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

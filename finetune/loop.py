@@ -345,13 +345,17 @@ class MetricsSink:
 class StepOutcome:
     """What one optimizer step reports to the host (read in its single device-to-host copy)."""
 
-    loss: float          # this step's token-weighted loss, all ranks
-    loss_sum: float
+    loss_sum: float      # summed CE over the window's target tokens, all ranks
     target_tokens: int
     tokens: int          # real (unpadded) tokens of the window, all ranks
     grad_norm: float     # before clipping
     lr: float            # the lr the step used
     stopping: bool       # a rank got SIGINT/SIGTERM: every rank saves and stops after this step
+
+    @property
+    def loss(self) -> float:
+        """This step's token-weighted loss."""
+        return self.loss_sum / max(self.target_tokens, 1)
 
 
 @dataclass
@@ -505,19 +509,19 @@ def _optimizer_step(run: _Run, step: int, stop: StopSignal) -> StepOutcome:
     # the step's single host sync: loss sum, tokens, stop flag and grad norm in one copy
     loss_sum, tokens, stopping, grad_norm = torch.cat([sums, norm.detach().double().reshape(1).to(device)]
                                                       ).cpu().tolist()
-    loss = loss_sum / max(ws.target_tokens, 1)
-    lr = run.optimizer.param_groups[0]["lr"]
-    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not prec.scaler.is_enabled()):
+    s = StepOutcome(loss_sum, ws.target_tokens, int(tokens), grad_norm, run.optimizer.param_groups[0]["lr"],
+                    stopping > 0)
+    if not math.isfinite(s.loss) or (not math.isfinite(grad_norm) and not prec.scaler.is_enabled()):
         good = ckpt.latest_checkpoint(run.out)
         raise TrainingDiverged(
-            f"training diverged at step {step + 1}: loss {loss}, grad norm {grad_norm} (lr {lr:.3g}); the "
-            f"update was not applied; last good checkpoint: {good.path if good else 'none'}; lower train.lr, "
-            "raise train.warmup_steps, or use train.amp bf16/fp32")
+            f"training diverged at step {step + 1}: loss {s.loss}, grad norm {grad_norm} (lr {s.lr:.3g}); "
+            f"the update was not applied; last good checkpoint: {good.path if good else 'none'}; lower "
+            "train.lr, raise train.warmup_steps, or use train.amp bf16/fp32")
     prec.scaler.step(run.optimizer)  # optimizer.step(), or skipped by the scaler on an fp16 overflow
     prec.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss, loss_sum, ws.target_tokens, int(tokens), grad_norm, lr, stopping > 0)
+    return s
 
 
 def _evaluate(run: _Run, step: int, sink: MetricsSink, elapsed: float) -> float:
@@ -554,7 +558,7 @@ def _save(run: _Run, at: int, history: list[dict[str, Any]], elapsed: float, inf
 
 def _finish(run: _Run, history: list[dict[str, Any]]) -> Path:
     """``final/`` (the adapter, or a full model) and ``plots/loss.png``; returns the final folder."""
-    from finetune.plots import plot_loss
+    from finetune.plots import matplotlib_missing, plot_loss
 
     out, say = run.out, run.say
     final = ckpt.write_final(run.model, out, run.cfg)
@@ -565,8 +569,12 @@ def _finish(run: _Run, history: list[dict[str, Any]]) -> Path:
     except OSError as e:  # the adapter is saved; a missing picture is no reason to fail the run
         say(f"no loss plot: could not write {png_path} ({files.describe_os_error(e)})")
         return final
-    say(f"wrote {png}" if png else "no loss plot (matplotlib is not installed: pip install "
-        "'qlora-llama[plot]')" if history else "no loss plot (nothing logged)")
+    if png is not None:
+        say(f"wrote {png}")
+    elif matplotlib_missing():
+        say("no loss plot (matplotlib is not installed: pip install 'qlora-llama[plot]')")
+    else:
+        say("no loss plot (nothing logged)")
     return final
 
 
