@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from finetune.config import load_config
-        from finetune.evaluate import run_eval
-        from finetune.report import format_table
+        from finetune.evaluate.evaluator import run_eval
+        from finetune.evaluate.report import format_table
 
         if args.limit is not None and args.limit < 1:
             raise UserError(f"--limit must be >= 1 (got {args.limit}); leave it out to score the whole split")

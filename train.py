@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from finetune.config import load_config
-        from finetune.loop import train
+        from finetune.run.loop import train
 
         overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides=overrides)

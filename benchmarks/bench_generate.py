@@ -7,7 +7,7 @@
 
 Ours is `llama.generate_ids` (one prefill over the left-padded batch, then one decode step per
 token into preallocated caches) in several variants: `4bit` (the QLoRA model as trained: every
-decode step dequantises each weight), `dense` (finetune.dense: each 4-bit weight dequantised once,
+decode step dequantises each weight), `dense` (finetune.evaluate.dense: each 4-bit weight dequantised once,
 the adapter merged, as eval.py does when memory allows), each optionally `+compile`
 (torch.compile of the decode step, fullgraph; CUDA graphs on CUDA). HF is `model.generate` of
 transformers' LlamaForCausalLM loaded 4-bit through its bitsandbytes integration (NF4, double
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         is_dense = False
         for variant in sorted(variants, key=lambda v: v.startswith("dense")):  # 4-bit ones first
             if variant.startswith("dense") and not is_dense:
-                from finetune.dense import densify, plan_dense
+                from finetune.evaluate.dense import densify, plan_dense
 
                 plan = plan_dense(model)
                 t0 = time.perf_counter()

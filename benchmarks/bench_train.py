@@ -6,8 +6,8 @@
     python benchmarks/bench_train.py --checkpoint /models/Llama-2-7b-hf --compare-hf
     python benchmarks/bench_train.py --preset cpu-tiny --compare-hf   # seconds on a CPU (smoke test)
 
-One step is what finetune/loop.py does for one micro-batch: autocast forward to the final hidden
-states, the loop's own chunked cross-entropy and backward (`finetune.loss.window_backward`), grad
+One step is what finetune/run/loop.py does for one micro-batch: autocast forward to the final hidden
+states, the loop's own chunked cross-entropy and backward (`finetune.run.loss.window_backward`), grad
 clipping, AdamW on the LoRA weights. The base is NF4 with double quantisation (quant), LoRA r=16 on
 q/k/v/o (lora), bf16 compute on CUDA and fp32 on CPU, non-reentrant gradient checkpointing on/off.
 
@@ -404,16 +404,16 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], conte
 
 
 def optimizer_for(params: list[nn.Parameter], device: torch.device, lr: float) -> torch.optim.Optimizer:
-    """The loop's default optimizer (finetune.optim.make_optimizer: AdamW, fused on CUDA)."""
+    """The loop's default optimizer (finetune.run.optim.make_optimizer: AdamW, fused on CUDA)."""
     from finetune.config import TrainConfig
-    from finetune.optim import make_optimizer
+    from finetune.run.optim import make_optimizer
 
     return make_optimizer(params, TrainConfig(lr=lr), device)
 
 
 def ours_step_fn(model: nn.Module, device: torch.device, amp: Callable, ce_chunk: int,
                  opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> Callable[[dict], torch.Tensor]:
-    from finetune.loss import window_backward
+    from finetune.run.loss import window_backward
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ws = window_backward(model, model.lm_head, [batch], ce_chunk, device, amp)
@@ -474,7 +474,7 @@ def measure(impl: str, step: Callable[[dict], torch.Tensor], batch: dict[str, to
 def parity_loss(impl: str, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
                 amp: Callable) -> float:
     """Mean next-token CE of `batch` at LoRA init (B = 0, so the base model's loss), no grad."""
-    from finetune.loss import chunked_ce_sum, device_mask
+    from finetune.run.loss import chunked_ce_sum, device_mask
 
     with torch.no_grad(), amp():
         ids = batch["input_ids"].to(device)

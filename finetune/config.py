@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.data.templates import check_template
 from finetune.errors import UserError
-from finetune.templates import check_template
 from quant import BLOCKSIZES, QUANT_TYPES  # the rules of quant.QuantConfig (no bitsandbytes import)
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Compose the model a run trains or evaluates: llama loader -> (4-bit quant hook) -> LoRA (or full training).
 
-Here llama, quant and lora are composed into one model (``finetune.dense`` later folds quant and lora
-back into dense layers for fast generation); the training loop (``finetune.loop``) and the evaluator
-(``finetune.evaluate``) both call ``load_model``. The tokenizer is theirs to load (first:
+Here llama, quant and lora are composed into one model (``finetune.evaluate.dense`` later folds quant and lora
+back into dense layers for fast generation); the training loop (``finetune.run.loop``) and the evaluator
+(``finetune.evaluate.evaluator``) both call ``load_model``. The tokenizer is theirs to load (first:
 it is cheap and its errors come before a 7B load), once per run.
 Dtypes: on CUDA the frozen base computes in ``model.dtype`` (bf16 by default); on CPU everything is
 fp32 (bf16 matmuls on CPU are slow and fp32 keeps the tests exact). Full training (LoRA off) keeps

@@ -7,7 +7,7 @@ One class, two backends, the same conventions:
   with, and the ids below are proven against Meta's and HF's for it.
 - Text is always encoded as plain text. Strings such as "<s>", "</s>", "<|im_start|>" or "[INST]"
   inside it are *not* turned into control ids, so data can never inject a turn boundary; control ids
-  only come from `bos=` / `eos=` or from a chat template (`finetune.templates`), which asks for them
+  only come from `bos=` / `eos=` or from a chat template (`finetune.data.templates`), which asks for them
   by name through `special_tokens`.
 
 SentencePiece backend. Ids are exactly what Meta's reference code produces (`sp.encode(text)`, BOS in
@@ -218,7 +218,7 @@ class Tokenizer:
 
     def encode_with_specials(self, text: str) -> list[int]:
         """Ids of *trusted* text whose control-token strings become control ids, as transformers
-        tokenises a rendered chat template (`finetune.templates`). Never call it on data: there
+        tokenises a rendered chat template (`finetune.data.templates`). Never call it on data: there
         "<|im_end|>" must stay text. No BOS/EOS is added (a template writes its own)."""
         if not isinstance(self.backend, _TokenizersJson):
             raise TokenizerError(f"{self.source} is a SentencePiece tokenizer, which cannot read control "

@@ -76,8 +76,8 @@ def length_report(tokenizer_dir: Path, csv_path: Path, template: str = "alpaca")
     """Token lengths of `[BOS] prompt response [EOS]` for every row, as the training pipeline builds them."""
     sys.path.insert(0, str(ROOT))
     from finetune.config import DataConfig
-    from finetune.data import encode_example, load_rows
-    from finetune.templates import format_prompt
+    from finetune.data.rows import encode_example, load_rows
+    from finetune.data.templates import format_prompt
     from llama.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(tokenizer_dir)

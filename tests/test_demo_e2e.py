@@ -45,6 +45,6 @@ def test_demo_config_trains_and_scores_end_to_end(tmp_path, smollm2_dir):
         assert (out / name / "predictions.jsonl").exists() and (out / name / "report.md").exists()
     assert json.loads((out / "eval-baseline/metrics.json").read_text())["adapter"] is None
 
-    r = _run("-m", "finetune.compare", str(out / "eval-baseline/metrics.json"),
+    r = _run("-m", "finetune.evaluate.compare", str(out / "eval-baseline/metrics.json"),
              str(out / "eval/metrics.json"))
     assert r.returncode == 0 and "entity micro F1" in r.stdout

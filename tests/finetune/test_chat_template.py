@@ -13,9 +13,9 @@ import json_tokenizers
 import pytest
 from transformers import AutoTokenizer  # the oracle
 
-from finetune import templates
 from finetune.config import DataConfig
-from finetune.data import IGNORE_INDEX, Row, encode_example
+from finetune.data import templates
+from finetune.data.rows import IGNORE_INDEX, Row, encode_example
 from finetune.errors import UserError
 from llama.tokenizer import Tokenizer
 

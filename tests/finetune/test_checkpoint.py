@@ -1,4 +1,5 @@
-"""finetune.checkpoint: atomic saves, the latest complete checkpoint, rotation, trainer state, run dirs."""
+"""finetune.run.checkpoint: atomic saves, the latest complete checkpoint, rotation, trainer state, run
+dirs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import checkpoint as ckpt
 from finetune.errors import UserError
+from finetune.run import checkpoint as ckpt
 
 
 def _write(files: dict[str, bytes]):

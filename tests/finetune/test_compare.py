@@ -1,9 +1,9 @@
-"""finetune.compare reads eval.py's metrics.json files and prints the change."""
+"""finetune.evaluate.compare reads eval.py's metrics.json files and prints the change."""
 
 import json
 
-from finetune.compare import compare_table, main
-from finetune.evaluate import score
+from finetune.evaluate.compare import compare_table, main
+from finetune.evaluate.evaluator import score
 
 
 def _metrics(golds, preds, inputs, adapter):

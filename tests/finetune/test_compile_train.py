@@ -1,6 +1,6 @@
 """train.compile: compiled decoder layers give the eager losses; without a compiler, eager + one warning.
 
-The runs are the real loop (finetune.loop.train) on the tiny fixture Llama with real bitsandbytes NF4
+The runs are the real loop (finetune.run.loop.train) on the tiny fixture Llama with real bitsandbytes NF4
 base weights, LoRA and gradient checkpointing, on CPU inductor (fp32). Dropout is 0 so the compiled
 and eager runs draw no random numbers that could differ.
 """
@@ -20,7 +20,7 @@ from train_testlib import run_config, train_losses, write_csv  # noqa: E402
 
 from finetune.compiling import compiler_problem  # noqa: E402
 from finetune.config import config_from_dict  # noqa: E402
-from finetune.loop import train  # noqa: E402
+from finetune.run.loop import train  # noqa: E402
 
 # Inductor reorders fp32 sums inside a fused kernel; over 5 optimizer steps the losses stay this close.
 REL_TOL = 1e-4

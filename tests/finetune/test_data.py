@@ -1,4 +1,4 @@
-"""finetune.data: reading, templates, tokenisation and labels, truncation, collation, data errors.
+"""finetune.data.rows: reading, templates, tokenisation and labels, truncation, collation, data errors.
 
 Token ids are checked against transformers' LlamaTokenizer over the same SentencePiece model (the
 reference the seeds used), so "the prompt ids are what a standard Llama tokenizer gives" is proven,
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune.config import DataConfig
-from finetune.data import (
+from finetune.data.rows import (
     IGNORE_INDEX,
     Row,
     collate,
@@ -30,8 +30,8 @@ from finetune.data import (
     split_rows,
     tags_to_entities,
 )
+from finetune.data.templates import ALPACA_TEMPLATE, format_prompt
 from finetune.errors import UserError
-from finetune.templates import ALPACA_TEMPLATE, format_prompt
 
 # MultiNERD's label list (the dataset card's order): ner_tags index into it.
 MULTINERD_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-ANIM", "I-ANIM", "B-BIO",

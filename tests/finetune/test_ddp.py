@@ -21,9 +21,9 @@ from train_testlib import (  # noqa: E402
     write_yaml,
 )
 
-from finetune import checkpoint as ckpt  # noqa: E402
 from finetune.config import config_from_dict  # noqa: E402
-from finetune.loop import train  # noqa: E402
+from finetune.run import checkpoint as ckpt  # noqa: E402
+from finetune.run.loop import train  # noqa: E402
 
 
 def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path):

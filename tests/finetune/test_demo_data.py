@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import DataConfig, load_config
-from finetune.data import load_rows, split_rows
-from finetune.metrics import normalize_span, parse_entities
-from finetune.templates import format_prompt
+from finetune.data.rows import load_rows, split_rows
+from finetune.data.templates import format_prompt
+from finetune.evaluate.metrics import normalize_span, parse_entities
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from torch._inductor import config as inductor_config
 import llama
 import lora
 import quant
-from finetune import dense
+from finetune.evaluate import dense
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_eval_cli import env, run_cli  # noqa: E402, F401  (the eval.py fixture and runner)

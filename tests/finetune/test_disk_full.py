@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from train_testlib import error_line, run_config, run_train, run_train_patched, write_csv, write_yaml  # noqa: E402
 
-from finetune import checkpoint as ckpt  # noqa: E402
+from finetune.run import checkpoint as ckpt  # noqa: E402
 
 
 def _config(model_dir: Path, tmp: Path, out: Path) -> Path:
@@ -96,7 +96,7 @@ def test_enospc_while_writing_final_removes_the_partial_folder(tiny_model_dir, t
 
 FILL_DISK_AFTER_STEP_2 = """
 import os, sys
-import finetune.checkpoint as ckpt
+import finetune.run.checkpoint as ckpt
 _real = ckpt.fault_point
 def fill(point, step):
     if (point, step) == ("step", 2):

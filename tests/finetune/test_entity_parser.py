@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from finetune.data import tags_to_entities
-from finetune.metrics import normalize_span, normalize_type, parse_entities
+from finetune.data.rows import tags_to_entities
+from finetune.evaluate.metrics import normalize_span, normalize_type, parse_entities
 
 
 def fast(n: int) -> settings:
@@ -98,7 +98,7 @@ TAG = st.sampled_from(["O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-PLANT", 
 @fast(500)
 @given(st.lists(st.tuples(TOKEN, TAG), min_size=1, max_size=12))
 def test_tag_list_matches_the_training_converter(pairs: list[tuple[str, str]]) -> None:
-    """``ginseng:B-PLANT`` lists parse to the same entities as finetune.data's converter writes as lines."""
+    """``ginseng:B-PLANT`` lists parse to the same entities as the training converter writes."""
     tokens, tags = [t for t, _ in pairs], [g for _, g in pairs]
     tagged = parse_entities(" ".join(f"{t}:{g}" for t, g in pairs))
     check(tagged)

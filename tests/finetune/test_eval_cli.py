@@ -16,8 +16,9 @@ import yaml
 
 import eval as eval_cli
 import train as train_cli
-from finetune import plots, report
-from finetune.evaluate import score
+from finetune import plots
+from finetune.evaluate import report
+from finetune.evaluate.evaluator import score
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 def hf_response_loss(hf, tok, cfg, rows) -> tuple[float, int]:
     """Oracle: token-weighted response loss from a transformers/peft model, one example at a time."""
-    from finetune.data import encode_example
+    from finetune.data.rows import encode_example
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_eval_end_to_end_matches_transformers_and_peft(env, capsys) -> None:
 
     import llama
     from finetune.config import load_config
-    from finetune.data import encode_example, load_rows, split_rows
+    from finetune.data.rows import encode_example, load_rows, split_rows
 
     cfg = load_config(env["cfg"])
     tok = llama.Tokenizer.from_pretrained(str(env["model"]))
@@ -322,7 +323,7 @@ def test_4bit_base_with_adapter_matches_transformers_bnb_peft(env, capsys, tmp_p
 
     import llama
     from finetune.config import load_config
-    from finetune.data import load_rows, split_rows
+    from finetune.data.rows import load_rows, split_rows
 
     rc, out, err = run_cli([env["cfg"], "--limit", 4, "--output", tmp_path, "--set", "quant.enabled=true"],
                            capsys)

@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from finetune.config import TrainConfig, load_config
-from finetune.data import prepare
-from finetune.plan import make_plan
+from finetune.data.plan import make_plan
+from finetune.data.rows import prepare
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,13 +21,13 @@ from train_testlib import metrics, run_config, train_losses, write_csv  # noqa: 
 
 import llama  # noqa: E402
 import lora  # noqa: E402
-from finetune import checkpoint as ckpt  # noqa: E402
 from finetune.config import config_from_dict, load_config  # noqa: E402
-from finetune.data import IGNORE_INDEX, Example, collate  # noqa: E402
-from finetune.loop import TrainingDiverged, train  # noqa: E402
-from finetune.loss import chunked_ce_sum, eval_loss, window_backward  # noqa: E402
-from finetune.optim import lr_factor  # noqa: E402
-from finetune.plan import make_plan  # noqa: E402
+from finetune.data.plan import make_plan  # noqa: E402
+from finetune.data.rows import IGNORE_INDEX, Example, collate  # noqa: E402
+from finetune.run import checkpoint as ckpt  # noqa: E402
+from finetune.run.loop import TrainingDiverged, train  # noqa: E402
+from finetune.run.loss import chunked_ce_sum, eval_loss, window_backward  # noqa: E402
+from finetune.run.optim import lr_factor  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -229,7 +229,7 @@ def test_loss_halves_within_a_few_dozen_steps(tiny_model_dir, tmp_path, mode, on
 def test_run_outputs(tiny_model_dir, tmp_path, one_thread):
     """config.yaml reloads, metrics.jsonl has every field, the plot is a PNG, final/ = last checkpoint,
     and the adapter loads strictly; the logged eval loss is the evaluator's loss of that adapter."""
-    from finetune.data import prepare
+    from finetune.data.rows import prepare
 
     data = write_csv(tmp_path / "data.csv")
     cfg = config_from_dict(run_config(tiny_model_dir, data, tmp_path / "run",
@@ -308,7 +308,7 @@ def test_qlora_on_cpu_streams_4bit_and_prequantized_is_identical(tiny_model_dir,
 def test_unpadded_batches_run_without_a_mask_and_give_the_same_loss(tiny_model_dir):
     """device_mask drops an all-ones mask (so SDPA may use flash/GQA kernels); the loss is unchanged."""
     import llama
-    from finetune.loss import chunked_ce_sum, device_mask
+    from finetune.run.loss import chunked_ce_sum, device_mask
 
     full = torch.ones(2, 6, dtype=torch.long)
     padded = full.clone()

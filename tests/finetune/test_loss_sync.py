@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import llama
 import lora
-from finetune.data import IGNORE_INDEX, Example, collate
-from finetune.loss import chunked_ce_sum, window_backward
+from finetune.data.rows import IGNORE_INDEX, Example, collate
+from finetune.run.loss import chunked_ce_sum, window_backward
 
 CFG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from finetune.metrics import (
+from finetune.evaluate.metrics import (
     UnicodeWordTokenizer,
     bleu,
     entity_scores,

@@ -30,7 +30,7 @@ from train_testlib import (  # noqa: E402
     write_yaml,
 )
 
-from finetune import checkpoint as ckpt  # noqa: E402
+from finetune.run import checkpoint as ckpt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_stop_signal_flag_and_second_signal_aborts():
     (Ctrl-C twice = Python's KeyboardInterrupt, a way out of a stuck save)."""
     import os
 
-    from finetune.loop import StopSignal
+    from finetune.run.loop import StopSignal
 
     # A shell's background job starts with SIGINT ignored; give this test Python's usual handler.
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_testlib import REPO, cli_env, run_config, write_csv, write_yaml  # noqa: E402
 
 import train as train_cli  # noqa: E402
-from finetune import checkpoint as ckpt  # noqa: E402
-from finetune.runlock import RunLock, lock_owner  # noqa: E402
+from finetune.run import checkpoint as ckpt  # noqa: E402
+from finetune.run.lock import RunLock, lock_owner  # noqa: E402
 
 
 def call(capsys, config: Path, *args: str) -> tuple[int, str, str]:
@@ -297,7 +297,7 @@ def test_mismatches_are_one_line_before_training(case, tiny_model_dir, tmp_path,
 
 def test_csv_cell_longer_than_csv_default_limit_is_read(tmp_path):
     from finetune.config import DataConfig
-    from finetune.data import load_rows
+    from finetune.data.rows import load_rows
 
     long_email = "Gentile cliente, " + "la fattura è allegata. " * 8000  # ~184k characters
     path = tmp_path / "long.csv"

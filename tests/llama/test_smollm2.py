@@ -17,8 +17,8 @@ import torch
 
 import llama
 import quant
-from finetune import templates
 from finetune.config import DataConfig
+from finetune.data import templates
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [

@@ -2,9 +2,9 @@
 
 One optimizer step (``step`` counts completed steps)::
 
-    micro-batches of the window (finetune.plan) ─► forward + chunked CE + backward, token-weighted
-    (finetune.loss.window_backward) ─► clip (report the pre-clip norm) ─► one host sync ─► AdamW
-    ─► LR schedule (finetune.optim) ─► log / eval / save
+    micro-batches of the window (finetune.data.plan) ─► forward + chunked CE + backward, token-weighted
+    (finetune.run.loss.window_backward) ─► clip (report the pre-clip norm) ─► one host sync ─► AdamW
+    ─► LR schedule (finetune.run.optim) ─► log / eval / save
 
 ``_train`` reads as that story: ``_setup`` (data, plan, model, optimizer, precision, DDP), ``_restore``
 (a checkpoint's weights, optimizer, schedule, RNG), ``_open_run_dir``, then the loop over
@@ -38,15 +38,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from finetune import checkpoint as ckpt
 from finetune import files, preflight
 from finetune.config import RunConfig, save_config
-from finetune.data import PreparedData, collate, padding_id, prepare
+from finetune.data.plan import DataPlan, make_plan
+from finetune.data.rows import PreparedData, collate, padding_id, prepare
 from finetune.errors import UserError
-from finetune.loss import eval_loss, window_backward
-from finetune.optim import Precision, lr_factor, make_optimizer, make_precision
-from finetune.plan import DataPlan, make_plan
-from finetune.runlock import RunLock
+from finetune.run import checkpoint as ckpt
+from finetune.run.lock import RunLock
+from finetune.run.loss import eval_loss, window_backward
+from finetune.run.optim import Precision, lr_factor, make_optimizer, make_precision
 
 METRICS_FILE = "metrics.jsonl"
 Say = Callable[[str], None]

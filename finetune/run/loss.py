@@ -1,6 +1,7 @@
 """The training objective: chunked next-token cross-entropy, token-weighted over a window; the eval loss.
 
-The loop (``finetune.loop``), the evaluator (``finetune.evaluate``) and the benchmarks all compute the
+The loop (``finetune.run.loop``), the evaluator (``finetune.evaluate.evaluator``) and the benchmarks all
+compute the
 loss here, so they agree to the last digit and none of them needs the loop's signals, DDP or logging.
 
 Why token-weighted: the loss of a window is sum(per-token CE) / (target tokens in the whole window).
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.data import IGNORE_INDEX, Example, collate
+from finetune.data.rows import IGNORE_INDEX, Example, collate
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 

@@ -1,6 +1,6 @@
 """Scoring generated answers: an entity parser, entity P/R/F1, ROUGE and BLEU. No model needed.
 
-    from finetune.metrics import parse_entities, entity_scores, rouge, bleu
+    from finetune.evaluate.metrics import parse_entities, entity_scores, rouge, bleu
     parse_entities("Mario Rossi: PER\\nRoma: LOC").entities   # [("mario rossi", "PER"), ("roma", "LOC")]
     scores = entity_scores(gold_texts, predicted_texts, input_texts)  # EntityScores (micro/macro/...)
     rouge(predicted_texts, gold_texts)      # {"rouge1": {"precision", "recall", "f1"}, "rouge2", "rougeL"}

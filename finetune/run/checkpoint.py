@@ -6,7 +6,7 @@ Layout under ``<output_dir>/checkpoints/``::
                                   trainer_state.pt, checkpoint.json)
     latest                        text file naming the newest complete checkpoint ("step-N")
     .tmp-step-N.<pid>.<rand>/     a checkpoint being written (never read; removed on the next start,
-                                  which holds the run lock: see finetune.runlock)
+                                  which holds the run lock: see finetune.run.lock)
 
 Atomicity: everything is written into a temporary directory next to its final place, every file and
 the directory are fsync'ed, and only then is the directory renamed to ``step-N`` (``os.rename`` of a

@@ -38,8 +38,8 @@ from typing import Any, Protocol
 import torch
 
 from finetune.config import DataConfig
+from finetune.data.templates import prompt_ids, response_ids
 from finetune.errors import UserError
-from finetune.templates import prompt_ids, response_ids
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 

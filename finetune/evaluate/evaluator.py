@@ -2,13 +2,13 @@
 
     metrics = run_eval(cfg, adapter=None, baseline=False)   # cfg.eval holds split, limit, batch size...
 
-Flow: rows (``finetune.data``: same file, same seeded split as training) -> prompts tokenised exactly as
+Flow: rows (``finetune.data.rows``: same file, same seeded split as training) -> prompts tokenised exactly as
 in training (``encode_example``: ``templates.prompt_ids``, the chat's generation prompt included, so the
 model sees the very ids it was trained on) -> base model (4-bit as configured) + adapter -> batched
-greedy KV-cache decoding (``llama.generate_ids``) -> ``finetune.metrics`` -> ``predictions.jsonl``,
+greedy KV-cache decoding (``llama.generate_ids``) -> ``finetune.evaluate.metrics`` -> ``predictions.jsonl``,
 ``metrics.json``, ``report.md``, ``plots/*.png`` in the eval output dir.
 
-The eval loss is the training loop's own (``finetune.loss.eval_loss``): summed token cross-entropy over
+The eval loss is the training loop's own (``finetune.run.loss.eval_loss``): summed token cross-entropy over
 the response tokens (+ EOS) of the split divided by their count (token-weighted, not a mean of means).
 """
 
@@ -27,13 +27,15 @@ from typing import Any
 
 import torch
 
-from finetune import files, preflight, report, templates
-from finetune import metrics as M
+from finetune import files, preflight
 from finetune import plots as P
 from finetune.config import RunConfig
-from finetune.data import Example, Row, encode_example, load_rows, padding_id, split_rows
+from finetune.data import templates
+from finetune.data.rows import Example, Row, encode_example, load_rows, padding_id, split_rows
 from finetune.errors import UserError
-from finetune.loss import eval_loss
+from finetune.evaluate import metrics as M
+from finetune.evaluate import report
+from finetune.run.loss import eval_loss
 
 NO_ADAPTER = "none"  # --adapter none: score model.path as it is (e.g. a merged export)
 
@@ -261,7 +263,7 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     loss, loss_tokens, loss_s = None, 0, 0.0
     if ev.compute_loss:  # the training loop's own eval loss, on the weights as trained (before a dense merge)
         loss, loss_tokens, loss_s = _timed_eval_loss(model, examples, padding_id(tok), cfg)
-    from finetune.dense import maybe_densify
+    from finetune.evaluate.dense import maybe_densify
 
     t0 = time.perf_counter()
     dense = maybe_densify(model, ev.dense)

@@ -3,7 +3,7 @@
 Two kinds:
 - **Text templates** (``alpaca``, ``llama2-chat``, or a custom string with ``{input}``): the prompt is
   ``encode(template up to {output}, bos=True)`` and the response ``encode(output) + [EOS]``. Why the two
-  are encoded apart, and why spaces before ``{output}`` are dropped, is in ``finetune.data``'s docstring.
+  are encoded apart, and why spaces before ``{output}`` are dropped, is in ``finetune.data.rows``'s docstring.
 - **``chat``**: the model's own chat template (``chat_template`` in tokenizer_config.json, or
   chat_template.jinja), rendered with jinja2 in a sandbox as ``transformers.apply_chat_template`` does.
   Messages: an optional system message (``data.system``; null = whatever the template does without

@@ -1,6 +1,7 @@
 """Human-readable output of an evaluation: the console table and report.md (the plots: finetune.plots).
 
-Everything reads the plain ``metrics.json`` dict that ``finetune.evaluate`` writes, so a report can be
+Everything reads the plain ``metrics.json`` dict that ``finetune.evaluate.evaluator`` writes, so a report
+can be
 rebuilt from the files alone.
 """
 

@@ -1,6 +1,6 @@
 """Side by side: two eval.py results (e.g. the base model and the fine-tuned one).
 
-    python -m finetune.compare runs/demo/eval-baseline/metrics.json runs/demo/eval/metrics.json
+    python -m finetune.evaluate.compare runs/demo/eval-baseline/metrics.json runs/demo/eval/metrics.json
 
 Prints one table with a column per result and the change, so the gain of fine-tuning is one glance.
 """
@@ -55,7 +55,8 @@ def compare_table(metrics: list[dict[str, Any]], names: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
     if len(paths) < 2:
-        print("usage: python -m finetune.compare BASE/metrics.json TUNED/metrics.json [...]", file=sys.stderr)
+        print("usage: python -m finetune.evaluate.compare BASE/metrics.json TUNED/metrics.json [...]",
+              file=sys.stderr)
         return 2
     metrics = []
     for p in paths:
