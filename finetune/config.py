@@ -83,21 +83,30 @@ def _num(x: float) -> str:
 _COLUMN = dict(non_empty=True, says="must be a non-empty column name")
 
 
+# Each field's comment (a trailing ``#`` comment, or ``#:`` lines just above the field) is its entry in
+# the README's config reference table, written by scripts/config_reference.py: keep it a whole sentence.
+
+
 @dataclass
 class ModelConfig:
-    path: str = ""                      # local HF directory (config.json + *.safetensors); required
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype on GPU; CPU: float32
+    path: str = ""                      # required: the local HF model directory (config.json, *.safetensors)
+    #: compute dtype on GPU (CPU always computes in float32)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    #: auto = cuda if available, else cpu; or cpu | cuda | cuda:N
     device: str = ruled("auto", pattern=r"auto|cpu|cuda(:\d+)?", says="must be auto, cpu, cuda or cuda:N")
-    gradient_checkpointing: bool = False
-    prequantized: str | None = None     # directory written by quant.save_quantized, or null
+    gradient_checkpointing: bool = False  # true trades ~30% more compute for much less activation memory
+    #: a directory written by quant.save_quantized (then nothing is re-quantised), or null
+    prequantized: str | None = None
 
 
 @dataclass
 class QuantConfig:
-    enabled: bool = True
-    quant_type: Literal[QUANT_TYPES] = "nf4"  # nf4 | fp4 (quant.QUANT_TYPES)
-    double_quant: bool = True
+    enabled: bool = True                # 4-bit frozen base weights (QLoRA); false = a 16-bit base
+    quant_type: Literal[QUANT_TYPES] = "nf4"  # nf4 (NormalFloat4, the QLoRA paper's data type) | fp4
+    double_quant: bool = True           # quantise the per-block absmax constants too (~0.37 bit/param saved)
+    #: weights per absmax scale (64 in the QLoRA paper)
     blocksize: int = ruled(64, one_of=BLOCKSIZES, says="must be a power of two from 32 to 4096")
+    #: module-name patterns (names or regexes) kept in the compute dtype, not quantised
     skip: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
 
 
@@ -105,75 +114,93 @@ class QuantConfig:
 class LoraConfig:
     """r, alpha and dropout follow lora's own rules (``lora.layer.check_hyperparameters``)."""
 
+    #: train low-rank adapters only; false = full training (small models; needs quant.enabled: false)
     enabled: bool = True
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    r: int = 16                         # adapter rank
+    alpha: float = 32.0                 # scaling = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.05               # dropout on the adapter input, in [0, 1)
+    #: the modules to adapt: a list of module names, a regex over module paths, or all-linear
     targets: list[str] | str = ruled(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], non_empty=True,
                                      says="must be a non-empty list of module names, a regex or all-linear")
-    use_rslora: bool = False
+    use_rslora: bool = False            # true: scaling = alpha / sqrt(r) (rank-stabilised LoRA)
 
 
 @dataclass
 class DataConfig:
-    path: str = ""                      # CSV, JSONL or JSON file; required
-    format: Literal["auto", "csv", "jsonl", "json"] = "auto"  # auto = by extension
-    input_column: str = ruled("input_text", **_COLUMN)
+    path: str = ""                      # required: the CSV, JSONL or JSON file; one example per row
+    format: Literal["auto", "csv", "jsonl", "json"] = "auto"  # auto = by extension (.csv / .jsonl / .json)
+    input_column: str = ruled("input_text", **_COLUMN)  # the input text (the seeds: the email)
+    #: the expected response (the seeds: the email's entities, one "span: TYPE" per line)
     output_column: str = ruled("output_text", **_COLUMN)
-    text_column: str | None = None      # a single preformatted text column (guanaco style)
-    tokens_column: str = ruled("tokens", **_COLUMN)  # token/tag rows (MultiNERD style) ...
-    tags_column: str = ruled("ner_tags", **_COLUMN)
+    text_column: str | None = None      # a single preformatted text column (guanaco style), or null
+    #: token/tag rows (MultiNERD style, used when the input/output columns are absent): the tokens
+    tokens_column: str = ruled("tokens", **_COLUMN)
+    tags_column: str = ruled("ner_tags", **_COLUMN)  # token/tag rows: the tags, one per token
+    #: the labels that integer tags index, e.g. [O, B-PER, I-PER]; null = the tags are label strings
     tag_labels: list[str] | None = ruled(None, non_empty=True, says="must be a non-empty list of labels "
-                                         "(e.g. [O, B-PER, I-PER]) or null")  # ... integer tags index it
-    template: str = "alpaca"            # alpaca | llama2-chat | chat (the model's own) | a custom string
-    instruction: str = "Extract entity from the given input:"
-    system: str | None = None           # chat only: the system message (null = the template's default)
+                                         "(e.g. [O, B-PER, I-PER]) or null")
+    #: alpaca | llama2-chat | chat (the model's own chat template) | a custom string with {input}
+    template: str = "alpaca"
+    instruction: str = "Extract entity from the given input:"  # the template's {instruction}
+    system: str | None = None           # chat templates only: the system message (null = the template's own)
+    #: tokens per example incl. BOS/EOS; long inputs are cut, never responses
     max_length: int = ruled(128, ge=16, says="is too small: must be >= 16 tokens (prompt + response + EOS)")
-    train_on_prompt: bool = False
-    shuffle_seed: int = ruled(42, ge=0)
+    train_on_prompt: bool = False       # false = loss on the response + EOS only; true = on the prompt too
+    shuffle_seed: int = ruled(42, ge=0)  # seed of the shuffle before the train/test split
+    #: the first N shuffled rows train (null = all but the test rows)
     train_size: int | None = ruled(4000, ge=1, says="must be >= 1 or null (all rows not in the test split)")
-    test_size: int | None = ruled(1500, ge=0)  # null = 0 test rows
+    #: the last N shuffled rows are held out, for the eval loss and eval.py (null = 0 test rows)
+    test_size: int | None = ruled(1500, ge=0)
+    #: text rows only: where the response starts (null = auto-detect: [/INST] or ### Response:)
     response_marker: str | None = ruled(None, non_empty=True, says="must be a non-empty string or null")
-    # ^ text rows: where the response starts (null = auto-detect)
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    micro_batch_size: int = ruled(1, ge=1)
+    output_dir: str = "runs/default"    # the run dir: config.yaml, metrics.jsonl, checkpoints/, plots/
+    micro_batch_size: int = ruled(1, ge=1)  # sequences per forward/backward
+    #: micro-batches summed (token-weighted) before each optimizer step
     gradient_accumulation_steps: int = ruled(16, ge=1)
+    #: optimizer steps; null = run train.epochs over the train split
     max_steps: int | None = ruled(None, ge=1, says="must be >= 1 or null (then train.epochs decides)")
-    epochs: float = ruled(1.0, gt=0)
-    lr: float = ruled(4.0e-5, gt=0)
-    weight_decay: float = ruled(0.0, ge=0)
+    epochs: float = ruled(1.0, gt=0)    # passes over the train split when max_steps is null
+    lr: float = ruled(4.0e-5, gt=0)     # peak learning rate (YAML 1.1 reads 4e-5 as a string: accepted too)
+    weight_decay: float = ruled(0.0, ge=0)  # AdamW decoupled weight decay on the trained parameters
+    #: adamw (torch, fused on CUDA) | adamw8bit | paged_adamw8bit (bitsandbytes)
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = ruled(0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # the LR schedule after warmup
+    warmup_steps: int = ruled(0, ge=0)  # linear warmup from 0 to lr over this many optimizer steps
+    #: clip the global gradient norm to this; null = no clipping
     max_grad_norm: float | None = ruled(1.0, gt=0, says="must be > 0, or null to disable clipping")
-    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    logging_steps: int = ruled(50, ge=1)
-    eval_steps: int = ruled(50, ge=1)
-    save_steps: int = ruled(50, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    logging_steps: int = ruled(50, ge=1)  # a metrics.jsonl line every N optimizer steps
+    eval_steps: int = ruled(50, ge=1)   # the eval loss on the test split every N optimizer steps
+    save_steps: int = ruled(50, ge=1)   # a checkpoint (adapter + trainer state) every N optimizer steps
+    #: keep the last N checkpoints (plus the best by eval loss); null = keep all
     save_total_limit: int | None = ruled(3, ge=1)
-    eval_max_batches: int | None = ruled(None, ge=1)
-    ce_chunk_size: int = ruled(1024, ge=1)
+    eval_max_batches: int | None = ruled(None, ge=1)  # cap the eval-loss batches; null = the whole split
+    ce_chunk_size: int = ruled(1024, ge=1)  # tokens per cross-entropy chunk (bounds the fp32 logits memory)
+    #: true = continue from the newest complete checkpoint (--resume); auto = that if there is one, else start
     resume: bool | Literal["auto"] = False
-    seed: int = ruled(42, ge=0)
+    seed: int = ruled(42, ge=0)         # torch/python RNG seed (adapter init, dropout, data order)
     group_by_length: bool = False       # batch examples of similar length together (less padding)
     compile: bool = False               # torch.compile each decoder layer (eager + a warning if unavailable)
 
 
 @dataclass
 class EvalConfig:
-    adapter: str | None = None          # null = the run's final adapter
-    split: Literal["test", "train"] = "test"
+    #: the adapter directory to score; null = the run's final adapter; none = no adapter (model.path alone)
+    adapter: str | None = None
+    split: Literal["test", "train"] = "test"  # the split eval.py scores
+    #: score only the first N rows of the split; null = all
     limit: int | None = ruled(None, ge=1, says="must be >= 1 or null (all rows)")
-    max_new_tokens: int = ruled(64, ge=1)
-    batch_size: int = ruled(8, ge=1)
-    stop_at_eos: bool = True
+    max_new_tokens: int = ruled(64, ge=1)  # generation budget per answer
+    batch_size: int = ruled(8, ge=1)    # prompts generated together (left-padded, KV cache)
+    stop_at_eos: bool = True            # stop each answer at EOS; false = always max_new_tokens
     compute_loss: bool = True           # also the eval loss (one more forward over the split)
-    output_dir: str | None = None
-    dense: bool | Literal["auto"] = "auto"  # generate from a dense merged copy: auto = if it fits
+    output_dir: str | None = None       # where eval.py writes; null = <train.output_dir>/eval
+    #: generate from a dense copy with the adapter merged (dequantised once): auto = if it fits in memory
+    dense: bool | Literal["auto"] = "auto"
     compile: bool = False               # torch.compile the decode step (CUDA graphs on CUDA)
 
 
