@@ -62,25 +62,6 @@ def user_error(fn, *args, **kwargs) -> str:
 # the contract
 
 
-def _interfaces_defaults() -> dict[str, dict]:
-    """The run-config block of docs/INTERFACES.md, parsed as YAML (required paths as null)."""
-    text = (REPO / "docs" / "INTERFACES.md").read_text()
-    block = text.split("## The run config", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
-    block = re.sub(r"<[^>]*>", "null", block)
-    return yaml.safe_load(block)
-
-
-def test_fields_and_defaults_equal_the_interfaces_doc():
-    documented = _interfaces_defaults()
-    actual = RunConfig().to_dict()
-    assert list(actual) == list(documented)
-    for section, fields in documented.items():
-        assert list(actual[section]) == list(fields), section
-        for key, value in fields.items():
-            expected = "" if key == "path" and value is None else value  # required; empty until set
-            assert actual[section][key] == expected, f"{section}.{key}"
-
-
 def test_llama2_yaml_is_the_seeds_recipe_with_every_knob_commented():
     path = REPO / "configs" / "llama2.yaml"
     cfg = load_config(path, check_paths=False)
@@ -94,9 +75,7 @@ def test_llama2_yaml_is_the_seeds_recipe_with_every_knob_commented():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.05)
     assert cfg.train.seed == 42 and cfg.data.shuffle_seed == 42
     assert (cfg.data.train_size, cfg.data.test_size) == (4000, 1500)
-    # every field is spelled out in the file, each on its own line with a comment
-    raw = yaml.safe_load(path.read_text())
-    assert {s: list(v) for s, v in raw.items()} == {s: list(v) for s, v in RunConfig().to_dict().items()}
+    # each knob on its own line with a comment (that every field is here: test_config_reference.py)
     for line in path.read_text().splitlines():
         if re.match(r"^\s+\w+:", line):
             assert "#" in line, f"knob without a comment: {line!r}"
