@@ -110,7 +110,7 @@ def test_type_coercion_rules(paths):
     assert load_with(paths, "train: {resume: true}\n").train.resume is True
 
 
-@pytest.mark.parametrize("extra, expected", [
+WRONG_TYPES = [  # each error names the key, what was expected and the value found
     ("lora: {r: sixteen}", "lora.r must be an integer, got 'sixteen'"),
     ("lora: {r: 16.0}", "lora.r must be an integer, got 16.0"),
     ("data: {max_length: true}", "data.max_length must be an integer, got True"),
@@ -123,23 +123,24 @@ def test_type_coercion_rules(paths):
     ("lora: {targets: [1, 2]}", "lora.targets must be a list of strings or a string, got [1, 2]"),
     ("quant: {skip: lm_head}", "quant.skip must be a list of strings, got 'lm_head'"),
     ("data: {instruction: 3}", "data.instruction must be a string, got 3"),
-])
-def test_wrong_types_name_key_expected_and_value(paths, extra, expected):
-    assert expected in user_error(load_with, paths, extra + "\n")
+]
 
 
 # ---------------------------------------------------------------------------------------------------
 # unknown keys, impossible values
 
 
-@pytest.mark.parametrize("extra, expected", [
+UNKNOWN_KEYS = [  # each error suggests the nearest valid key
     ("lora: {rr: 8}", "unknown key 'lora.rr'; did you mean 'lora.r'?"),
     ("lora: {lr: 1.0e-4}", "unknown key 'lora.lr'; did you mean 'train.lr'?"),
     ("train: {gradient_accumulation: 4}", "did you mean 'train.gradient_accumulation_steps'?"),
     ("trian: {lr: 1.0e-4}", "unknown section 'trian'; did you mean 'train'?"),
     ("train: {zzz: 1}", "unknown key 'train.zzz' (valid keys: output_dir, micro_batch_size"),
-])
-def test_unknown_keys_suggest_the_nearest(paths, extra, expected):
+]
+
+
+@pytest.mark.parametrize("extra, expected", WRONG_TYPES + UNKNOWN_KEYS)
+def test_wrong_types_and_unknown_keys_name_the_key(paths, extra, expected):
     assert expected in user_error(load_with, paths, extra + "\n")
 
 
