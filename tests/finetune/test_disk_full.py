@@ -57,12 +57,17 @@ adapter._atomic_write = failing
 """
 
 
-def test_enospc_during_a_checkpoint_keeps_the_last_one_and_resumes(tiny_model_dir, tmp_path):
-    run = tmp_path / "run"
-    config = _config(tiny_model_dir, tmp_path, run)
-    proc = run_train_patched(ENOSPC_AT_STEP_4_STATE, config)
+def _fails_with_enospc(patch: str, model_dir: Path, tmp: Path) -> tuple[Path, Path, str]:
+    """Train with `patch` applied into ``tmp/run``: exit 2 is required; (run dir, config, the error line)."""
+    run = tmp / "run"
+    config = _config(model_dir, tmp, run)
+    proc = run_train_patched(patch, config)
     assert proc.returncode == 2, proc.stderr
-    line = error_line(proc.stderr)
+    return run, config, error_line(proc.stderr)
+
+
+def test_enospc_during_a_checkpoint_keeps_the_last_one_and_resumes(tiny_model_dir, tmp_path):
+    run, config, line = _fails_with_enospc(ENOSPC_AT_STEP_4_STATE, tiny_model_dir, tmp_path)
     step2 = run / "checkpoints" / "step-2"
     assert f"could not save checkpoint {run / 'checkpoints' / 'step-4'}: the disk is full" in line, line
     assert "(the partial files were removed, checkpoints/latest is unchanged)" in line
@@ -79,11 +84,7 @@ def test_enospc_during_a_checkpoint_keeps_the_last_one_and_resumes(tiny_model_di
 
 
 def test_enospc_while_writing_final_removes_the_partial_folder(tiny_model_dir, tmp_path):
-    run = tmp_path / "run"
-    config = _config(tiny_model_dir, tmp_path, run)
-    proc = run_train_patched(ENOSPC_IN_FINAL, config)
-    assert proc.returncode == 2, proc.stderr
-    line = error_line(proc.stderr)
+    run, config, line = _fails_with_enospc(ENOSPC_IN_FINAL, tiny_model_dir, tmp_path)
     assert f"could not write {run / 'final'}: the disk is full" in line, line
     assert f"the last complete checkpoint is {run / 'checkpoints' / 'step-6'}; then continue with " \
         "--resume to write final/ from it" in line
