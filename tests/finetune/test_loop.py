@@ -71,12 +71,18 @@ def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> Non
     assert err <= rel, err
 
 
-def test_chunked_ce_equals_full_logits_loss_and_grads(tiny_model_dir):
-    model = lora_model(tiny_model_dir)
+def with_reference(model_dir: Path
+                   ) -> tuple[torch.nn.Module, list[Example], torch.Tensor, dict[str, torch.Tensor]]:
+    """The LoRA model, the ragged examples, and the oracle: full-logits loss and its LoRA gradients."""
+    model = lora_model(model_dir)
     examples = ragged_examples()
     ref = reference_loss(model, examples)
     ref.backward()
-    ref_grads = lora_grads(model)
+    return model, examples, ref, lora_grads(model)
+
+
+def test_chunked_ce_equals_full_logits_loss_and_grads(tiny_model_dir):
+    model, examples, ref, ref_grads = with_reference(tiny_model_dir)
     assert all(g.abs().sum() > 0 for g in ref_grads.values())
     b = collate(examples, pad_id=0)
     for chunk in (1, 5, 1024):
@@ -92,11 +98,7 @@ def test_chunked_ce_equals_full_logits_loss_and_grads(tiny_model_dir):
 
 def test_accumulation_k_micro_batches_equal_one_batch(tiny_model_dir):
     """k micro-batches of 1 with accumulation k == one batch of k == the full-logits mean CE."""
-    model = lora_model(tiny_model_dir)
-    examples = ragged_examples()
-    ref = reference_loss(model, examples)
-    ref.backward()
-    ref_grads = lora_grads(model)
+    model, examples, ref, ref_grads = with_reference(tiny_model_dir)
     results = {}
     for name, groups in {"3x1": [[0], [1], [2]], "1x3": [[0, 1, 2]], "2+1": [[2, 0], [1]]}.items():
         model.zero_grad(set_to_none=True)
