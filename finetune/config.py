@@ -83,8 +83,9 @@ def _num(x: float) -> str:
 _COLUMN = dict(non_empty=True, says="must be a non-empty column name")
 
 
-# Each field's comment (a trailing ``#`` comment, or ``#:`` lines just above the field) is its entry in
-# the README's config reference table, written by scripts/config_reference.py: keep it a whole sentence.
+# Each field's comment (``#:`` lines just above the field, and/or a trailing ``#`` comment) is its meaning
+# in the README's config reference, which scripts/config_reference.py writes from these dataclasses: a
+# field needs one, and it should make sense on its own (what the value does, what null or auto means).
 
 
 @dataclass
