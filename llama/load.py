@@ -251,8 +251,9 @@ def _check_counts(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
             lacks = f"{per_layer * (want - len(held))} tensor(s)" if per_layer else "the tensors"
             raise LoadError(f"{path}: the checkpoint lacks {lacks} the config needs: every {span} ({said}); "
                             "config.json and the weights disagree, or a shard is incomplete")
-        raise LoadError(f"{path}: {said} (model.layers.[{_clip(_ranges(held), 40)}] present); config.json "
-                        "and the weights disagree, or a shard is incomplete")
+        present = f"{'model.layers' if what == 'layer' else 'experts'}.[{_clip(_ranges(held), 40)}] present"
+        raise LoadError(f"{path}: {said} ({present}); config.json and the weights disagree, or a shard is "
+                        "incomplete")
 
 
 def _check_headers(model: Llama, shapes: dict[str, tuple[int, ...]], where: dict[str, Path],
