@@ -26,6 +26,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -393,15 +394,26 @@ class _SafeUniqueLoader(yaml.SafeLoader):
             raise YAMLLimitError(f"cannot read the value {shown} ({_clip(why, 120)})",
                                  node.start_mark) from None
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        if value.bit_length() > 14_000:  # 0x/0b/0o ints are not capped by Python; printing them back is
+            raise ValueError("an integer of over 4300 digits")
+        return value
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeConstructor's own check says "found unhashable key", with its line
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {_show(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SafeUniqueLoader.add_constructor("tag:yaml.org,2002:int", _SafeUniqueLoader.construct_yaml_int)
 
 
 def _check_expansion(root: yaml.Node) -> None:

@@ -138,6 +138,12 @@ def _is_shard_name(file: object) -> bool:
     return bool(name.parts) and not name.is_absolute() and ".." not in name.parts and ":" not in name.parts[0]
 
 
+def _count(n: int) -> str:
+    """An int from config.json for an error line: exact up to 19 digits (str() of an int past 4300
+    digits raises, and a 4000-digit number says nothing more than "over 10^19")."""
+    return str(n) if n < 10**19 else "over 10^19"
+
+
 def _clip(text: str, limit: int = 80) -> str:
     """At most `limit` characters of `text` for an error line (only the head is ever looked at)."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -242,13 +248,14 @@ def _check_counts(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
             continue  # a dense checkpoint: the config's own rules say num_local_experts is not for it
         if want <= len(held):
             continue  # too few in config.json: the unexpected tensors are named after the (small) build
-        said = f"config.json says {key}={_clip(str(want), 20)}, the weights hold {len(held)} {what}(s)"
+        said = f"config.json says {key}={_count(want)}, the weights hold {len(held)} {what}(s)"
         if what == "layer" and held == list(range(len(held))):
             per_layer = sum(1 for n in shapes if n.startswith(f"model.layers.{held[0]}.")
                             and not n.endswith("rotary_emb.inv_freq")) if held else 0
-            first, last = f"model.layers.{len(held)}.*", f"model.layers.{_clip(str(want - 1), 20)}.*"
-            span = first if want - len(held) == 1 else f"{first} to {last}"
-            lacks = f"{per_layer * (want - len(held))} tensor(s)" if per_layer else "the tensors"
+            first = f"model.layers.{len(held)}.*"
+            span = (first if want - len(held) == 1 else f"{first} to model.layers.{want - 1}.*"
+                    if want <= 10**19 else f"{first} and every layer above it")
+            lacks = f"{_count(per_layer * (want - len(held)))} tensor(s)" if per_layer else "the tensors"
             raise LoadError(f"{path}: the checkpoint lacks {lacks} the config needs: every {span} ({said}); "
                             "config.json and the weights disagree, or a shard is incomplete")
         present = f"{'model.layers' if what == 'layer' else 'experts'}.[{_clip(_ranges(held), 40)}] present"
