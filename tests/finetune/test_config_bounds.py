@@ -64,6 +64,8 @@ def test_alias_bomb_ten_levels_and_in_a_set_value(tiny_model_dir, tmp_path):
     ("skip: " + "[" * 5000 + "]" * 5000, [f"nested deeper than {MAX_YAML_DEPTH} levels"]),
     ("blocksize: " + "6" * 5000, ["cannot read the value '666", "over 4300 digits"]),
     ("skip: [2020-13-45]", ["cannot read the value '2020-13-45'", "month must be in 1..12"]),
+    ("blocksize: 0x" + "f" * 5000, ["cannot read the value '0xfff", "over 4300 digits"]),
+    ("{[a]: 1}: 2", ["found unhashable key"]),
 ])
 def test_documents_python_cannot_hold_are_one_line(tiny_model_dir, tmp_path, extra, words):
     line = _error(_with_quant(write_run(tmp_path, tiny_model_dir), extra))
