@@ -651,7 +651,7 @@ def _show(value: Any, limit: int = 80) -> str:
             emit(repr(v[:room]) if len(v) > room else repr(v))
         elif isinstance(v, (list, tuple, set, frozenset, dict)):
             items = v.items() if isinstance(v, dict) else v
-            opening, closing = {list: "[]", tuple: "()", dict: "{}"}.get(type(v), "{}")
+            opening, closing = "[]" if isinstance(v, list) else "()" if isinstance(v, tuple) else "{}"
             if isinstance(v, (set, frozenset)) and not v:
                 emit(f"{type(v).__name__}()")
                 return
