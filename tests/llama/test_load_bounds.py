@@ -101,12 +101,14 @@ def test_a_list_weight_map_is_one_line_from_train_py(tiny_sharded_model_dir, tmp
     _edit_json(model / INDEX, weight_map=["model-00001-of-00002.safetensors"])
     proc, seconds = run_cli(["train.py", str(write_run(tmp_path, model)), "--no-progress"])
     one_error_line(proc, seconds, "weight_map is a list", "'weight_map' must be an object")
+    assert not (tmp_path / "run").exists()
     model2 = Path(shutil.copytree(tiny_sharded_model_dir, tmp_path / "model2"))
     index = json.loads((model2 / INDEX).read_text())
     index["weight_map"]["model.norm.weight"] = "../../../../etc/passwd"
     (model2 / INDEX).write_text(json.dumps(index))
     proc, seconds = run_cli(["train.py", str(write_run(tmp_path, model2, name="run2.yaml")), "--no-progress"])
     one_error_line(proc, seconds, "shard index naming ../../../../etc/passwd", "not a file name inside")
+    assert not (tmp_path / "run").exists()
 
 
 def test_shards_that_are_symlinks_still_load(tiny_sharded_model_dir, tmp_path):
