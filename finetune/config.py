@@ -26,6 +26,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -243,17 +244,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     if not path.is_file():
         raise UserError(f"config file not found: {path} (give the path of a YAML file, "
                         "e.g. configs/llama2.yaml)")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {size} bytes is not a run config (at most {MAX_CONFIG_BYTES} bytes; a "
+                        "config is a few kilobytes): give the YAML file, e.g. configs/llama2.yaml")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        raw = yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 -- a SafeLoader subclass
+        raw = parse_yaml(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}:{where} invalid YAML: {problem}") from None
+        raise UserError(f"{path}:{_yaml_problem(e)}") from None
     if raw is None:
         raise UserError(f"{path}: the config file is empty; it needs at least model.path and data.path")
     return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
@@ -268,9 +270,10 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: list[str] | 
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for name, value in raw.items():
         if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section '{name}'{_did_you_mean(str(name), SECTIONS)}")
+            hint = _did_you_mean(_clip(str(name)), SECTIONS)
+            raise UserError(f"{source}: unknown section {_show(name)}{hint}")
         if value is not None and not isinstance(value, dict):
-            raise UserError(f"{source}: section '{name}' must be a mapping of keys, got {_show(value)}")
+            raise UserError(f"{source}: section {_show(name)} must be a mapping of keys, got {_show(value)}")
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = RunConfig(**{name: _build_section(name, cls, raw.get(name) or {}, source)
@@ -355,19 +358,126 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 # helpers
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few kilobytes; PyYAML reads ~1 MB/s in pure Python
+MAX_YAML_VALUES = 100_000  # values after alias expansion (a config has ~60; lists of targets, hundreds)
+MAX_YAML_DEPTH = 64  # nesting levels (a config needs 3)
+
+
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """A YAML document past what a run config can be: too deep, too many values once aliases expand,
+    a value Python cannot hold. Raised while it is read, before anything is built from it."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` with the run config's rules: duplicate keys refused, and the document
+    bounded (``MAX_YAML_DEPTH`` levels, ``MAX_YAML_VALUES`` values with every alias expanded) so that
+    an alias bomb (9 levels of 9 aliases: 387M strings from 200 bytes) is one error, not minutes and
+    gigabytes. Raises ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 -- a SafeLoader subclass
+    except RecursionError:  # MAX_YAML_DEPTH keeps below Python's limit; this is a belt to those braces
+        raise YAMLLimitError(f"nesting deeper than Python can read (keep it under {MAX_YAML_DEPTH} levels)",
+                             None) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`` line L column C invalid YAML: <problem>`` (bounded) for an error line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or ["unreadable"])[0]
+    return f"{where} invalid YAML: {_clip(problem, 240)}"
+
+
 class _SafeUniqueLoader(yaml.SafeLoader):
     """``yaml.safe_load`` semantics, except that a repeated key is an error instead of last-one-wins
-    (two ``data:`` sections would otherwise silently drop the first)."""
+    (two ``data:`` sections would otherwise silently drop the first), and the bounds of ``parse_yaml``.
+    Aliases are references in the composed node graph, so its expanded size is counted (each node once,
+    memoised) before a single value is constructed."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels; a run config needs 3 "
+                                     "(section, key, list)", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as e:  # an int past 4300 digits, a date like 2020-13-45
+            shown = _show(node.value, 40) if isinstance(node, yaml.ScalarNode) else "here"
+            why = str(e) if "integer string conversion" not in str(e) else "an integer of over 4300 digits"
+            raise YAMLLimitError(f"cannot read the value {shown} ({_clip(why, 120)})",
+                                 node.start_mark) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        if value.bit_length() > 14_000:  # 0x/0b/0o ints are not capped by Python; printing them back is
+            raise ValueError("an integer of over 4300 digits")
+        return value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeConstructor's own check says "found unhashable key", with its line
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    None, None, f"duplicate key {_show(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SafeUniqueLoader.add_constructor("tag:yaml.org,2002:int", _SafeUniqueLoader.construct_yaml_int)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise ``YAMLLimitError`` when ``root`` holds more than ``MAX_YAML_VALUES`` values with every alias
+    expanded, or contains itself; names the key path of the largest part and the line of its key."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    def size(node: yaml.Node) -> int:  # recursion depth <= MAX_YAML_DEPTH (compose_node's bound)
+        key = id(node)
+        if key not in sizes:
+            if key in busy:
+                raise YAMLLimitError("an alias refers to a collection it is inside of (a structure that "
+                                     "contains itself); write the values out", node.start_mark)
+            busy.add(key)
+            sizes[key] = 1 + sum(size(child) for child in children(node))
+            busy.discard(key)
+        return sizes[key]
+
+    if size(root) <= MAX_YAML_VALUES:
+        return
+    node, keys, mark = root, [], root.start_mark
+    while isinstance(node, yaml.MappingNode) and node.value:
+        key_node, node = max(node.value, key=lambda pair: sizes[id(pair[1])])
+        keys.append(_clip(str(key_node.value), 40) if isinstance(key_node, yaml.ScalarNode) else "?")
+        mark = key_node.start_mark
+    raise YAMLLimitError(f"{'.'.join(keys) or 'the YAML'} expands to more than {MAX_YAML_VALUES} values "
+                         "through its aliases (*name); a run config needs a few dozen: write the values "
+                         "out instead of nesting aliases", mark)
 
 
 class _Mismatch(Exception):
@@ -379,7 +489,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: str) ->
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"{source}: unknown key '{name}.{key}'{_suggest_key(name, str(key))}")
+            raise UserError(f"{source}: unknown key '{name}.{_clip(str(key))}'"
+                            f"{_suggest_key(name, _clip(str(key)))}")
         try:
             kwargs[key] = _coerce(value, hints[key])
         except _Mismatch as e:
@@ -406,7 +517,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is Literal:  # a closed vocabulary: anything else is a typo, answered with the nearest value
         if isinstance(value, str) and value in args:
             return value
-        raise _Mismatch(_describe(tp), _did_you_mean(str(value), args))
+        raise _Mismatch(_describe(tp), _did_you_mean(_clip(value), args) if isinstance(value, str) else "")
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _Mismatch(_describe(tp))
@@ -454,30 +565,49 @@ def _describe(tp: Any) -> str:
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """``section.key=value`` -> raw[section][key] = safe_load(value), with a clear error for bad input."""
+    """``section.key=value`` -> raw[section][key] = safe_load(value), with a clear error for bad input.
+
+    Control characters are refused in the key and in the value of a path key: YAML folds a newline in
+    a plain scalar into a space (``data.path=a.csv<newline>b`` would read the file ``a.csv b``), and a
+    path never holds one; other string values (templates, instructions) may hold newlines."""
     key, sep, text = item.partition("=")
     key = key.strip()
+    shown = _show(item)
+    bad = _CONTROL.search(key)
+    if bad:
+        raise UserError(f"--set {shown}: the key holds the control character {bad.group()!r} (at "
+                        f"position {bad.start()}); write it as section.key=value on one line")
     if not sep or key.count(".") != 1:
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+        raise UserError(f"--set {shown}: expected section.key=value, e.g. --set train.lr=1e-4")
     section, name = key.split(".")
     if section not in SECTIONS:
-        raise UserError(f"--set {item!r}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}")
+        raise UserError(f"--set {shown}: unknown section {_show(section)}{_did_you_mean(section, SECTIONS)}")
     hints = typing.get_type_hints(SECTIONS[section])
     if name not in hints:
-        raise UserError(f"--set {item!r}: unknown key '{key}'{_suggest_key(section, name)}")
+        raise UserError(f"--set {shown}: unknown key '{_clip(key)}'{_suggest_key(section, name)}")
+    bad = _CONTROL.search(text)
+    if key in _PATH_FIELDS and bad:
+        raise UserError(f"--set {shown}: the path {key} holds the control character {bad.group()!r} (at "
+                        f"position {bad.start()} of the value); a path never does: give it on one line")
     wants_str = hints[name] in (str, str | None)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = parse_yaml(text)
+    except yaml.YAMLError as e:
+        problem = _clip(getattr(e, "problem", None) or "unreadable", 160)
+        if isinstance(e, YAMLLimitError):
+            raise UserError(f"--set {shown}: {problem}") from None
         if not wants_str:
-            raise UserError(f"--set {item!r}: cannot parse the value {text!r} as YAML "
-                            "(quote it, e.g. --set 'data.instruction=\"a: b\"')") from None
+            raise UserError(f"--set {shown}: cannot parse the value {_show(text)} as YAML ({problem}); "
+                            "quote it, e.g. --set 'data.instruction=\"a: b\"'") from None
         value = text
     if wants_str and value is not None and not isinstance(value, str):
         value = text  # e.g. a custom template "{input}" would otherwise parse as a YAML mapping
     if not isinstance(raw.get(section), dict):
         raw[section] = {}
     raw[section][name] = value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_paths(cfg: RunConfig, source: str) -> None:
@@ -531,6 +661,51 @@ def _suggest_key(section: str, key: str) -> str:
     return f" (valid keys: {', '.join(names)})"
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error line, at most ``limit`` characters, built only as far as shown: a
+    list of 387M strings from an alias bomb (or a list that contains itself) costs ~``limit`` steps."""
+    out: list[str] = []
+    room = limit + 1  # one past the limit: enough to know it must be cut
+
+    def emit(text: str) -> None:
+        nonlocal room
+        out.append(text[:room])
+        room -= len(text)
+
+    def walk(v: Any) -> None:
+        if room <= 0:
+            return
+        if isinstance(v, (str, bytes)):
+            emit(repr(v[:room]) if len(v) > room else repr(v))
+        elif isinstance(v, (list, tuple, set, frozenset, dict)):
+            items = v.items() if isinstance(v, dict) else v
+            opening, closing = "[]" if isinstance(v, list) else "()" if isinstance(v, tuple) else "{}"
+            if isinstance(v, (set, frozenset)) and not v:
+                emit(f"{type(v).__name__}()")
+                return
+            emit(opening)
+            for i, item in enumerate(items):
+                if room <= 0:
+                    return
+                if i:
+                    emit(", ")
+                if isinstance(v, dict):
+                    walk(item[0])
+                    emit(": ")
+                    walk(item[1])
+                else:
+                    walk(item)
+            emit("," + closing if isinstance(v, tuple) and len(v) == 1 else closing)
+        elif isinstance(v, int) and v.bit_length() > 1000:  # repr refuses ints past 4300 digits
+            emit(f"<an integer of about {int(v.bit_length() * 0.30103) + 1} digits>")
+        else:  # numbers, booleans, None, dates: short reprs
+            emit(repr(v))
+
+    walk(value)
+    text = "".join(out)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """At most ``limit`` characters of a string for an error line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -48,14 +48,16 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
     if not path.is_dir():
         raise LoadError(f"{path}: no such model directory; pass the folder that holds config.json "
                         "and the *.safetensors weights")
+    where = _find_weights(path)  # tensor name -> shard file
+    shapes = _read_headers(where, path)  # tensor name -> shape, from the headers only
+    _check_counts(path, shapes)  # before a skeleton of config.json's size is built
     cfg = LlamaConfig.from_hf(path)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                           else "cpu" if device == "auto" else device)
     dtype = _resolve_dtype(dtype, cfg)
-    where = _find_weights(path)  # tensor name -> shard file
     with torch.device("meta"):
         model = Llama(cfg)
-    _check_headers(model, where, path)
+    _check_headers(model, shapes, where, path)
     _stream(model, where, device, dtype, linear_hook)
     model.model.rotary_emb.reset(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -84,9 +86,20 @@ def _find_weights(path: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' object: {e}); "
-                            "re-save the checkpoint with save_pretrained") from e
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:  # ValueError: JSONDecodeError
+            raise LoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' object: "
+                            f"{_clip(str(e))}); re-save the checkpoint with save_pretrained") from None
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index} is not a valid safetensors index: 'weight_map' must be an object of "
+                            f"tensor name -> shard file, got {_json_type(weight_map)}; re-save the "
+                            "checkpoint with save_pretrained")
+        for name, file in weight_map.items():
+            if not _is_shard_name(file):
+                shown = _clip(repr(file[:80])) if isinstance(file, str) else _json_type(file)
+                raise LoadError(f"{index} maps {_clip(name)} to {shown}, which is not a file name inside "
+                                f"{path}: a shard is named relative to the model folder (e.g. "
+                                "model-00001-of-00002.safetensors), never absolute or through '..'; "
+                                "restore the index the checkpoint was saved with")
         absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if absent:
             lost = [n for n, f in weight_map.items() if f in absent]
@@ -104,6 +117,36 @@ def _find_weights(path: Path) -> dict[str, Path]:
     found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
     raise LoadError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE} (found: {found}); "
                     "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _json_type(value: object) -> str:
+    return "null" if value is None else f"{_JSON_TYPES.get(type(value), 'a value')} (JSON)"
+
+
+def _is_shard_name(file: object) -> bool:
+    """A relative path that stays inside the model folder: no root, no drive, no '..', no control
+    characters. Judged on the name alone, so shards that are symlinks (the HF hub cache's snapshots
+    link into its blobs/ folder) still load."""
+    if not isinstance(file, str) or not file or _CONTROL.search(file) or "\\" in file:
+        return False
+    name = PurePosixPath(file)
+    return bool(name.parts) and not name.is_absolute() and ".." not in name.parts and ":" not in name.parts[0]
+
+
+def _count(n: int) -> str:
+    """An int from config.json for an error line: exact up to 19 digits (str() of an int past 4300
+    digits raises, and a 4000-digit number says nothing more than "over 10^19")."""
+    return str(n) if n < 10**19 else "over 10^19"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """At most `limit` characters of `text` for an error line (only the head is ever looked at)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def summarise_names(names: list[str], limit: int = 6) -> str:
@@ -161,10 +204,70 @@ def _expected(model: Llama) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_headers(model: Llama, where: dict[str, Path], path: Path) -> None:
+def _read_headers(where: dict[str, Path], path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (each file opened once, no data read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(where):
+        by_file.setdefault(where[name], []).append(name)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, file_names in by_file.items():
+        with _open(file) as f:
+            held = set(f.keys())
+            for name in file_names:
+                if name not in held:
+                    raise LoadError(f"{path / INDEX_FILE} maps {_clip(name)} to {file.name}, which does not "
+                                    "hold it; the index and the shards come from different saves")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+# config.json counts that decide how many modules the skeleton gets (building 100000 meta layers takes
+# minutes), with the tensor names that show how many the checkpoint really has.
+_COUNTS = (("num_hidden_layers", re.compile(r"model\.layers\.(\d{1,12})\."), "layer"),
+           ("num_local_experts", re.compile(r"model\.layers\.\d{1,12}\.block_sparse_moe\.experts\."
+                                            r"(\d{1,12})\."), "expert"))
+
+
+def _check_counts(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """config.json's layer and expert counts against the tensors present, before the model is built:
+    a count larger than the checkpoint's would otherwise build that many meta modules first (minutes
+    for `num_hidden_layers: 100000`) only to report their tensors missing. An unreadable config.json
+    is left to `LlamaConfig.from_hf`, whose messages say what is wrong with it."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(raw, dict):
+        return
+    for key, pattern, what in _COUNTS:
+        want = raw.get(key)
+        if not isinstance(want, int) or isinstance(want, bool):
+            continue
+        held = sorted({int(m.group(1)) for n in shapes if (m := pattern.match(n))})
+        if key == "num_local_experts" and not held and raw.get("model_type") != "mixtral":
+            continue  # a dense checkpoint: the config's own rules say num_local_experts is not for it
+        if want <= len(held):
+            continue  # too few in config.json: the unexpected tensors are named after the (small) build
+        said = f"config.json says {key}={_count(want)}, the weights hold {len(held)} {what}(s)"
+        if what == "layer" and held == list(range(len(held))):
+            per_layer = sum(1 for n in shapes if n.startswith(f"model.layers.{held[0]}.")
+                            and not n.endswith("rotary_emb.inv_freq")) if held else 0
+            first = f"model.layers.{len(held)}.*"
+            span = (first if want - len(held) == 1 else f"{first} to model.layers.{want - 1}.*"
+                    if want <= 10**19 else f"{first} and every layer above it")
+            lacks = f"{_count(per_layer * (want - len(held)))} tensor(s)" if per_layer else "the tensors"
+            raise LoadError(f"{path}: the checkpoint lacks {lacks} the config needs: every {span} ({said}); "
+                            "config.json and the weights disagree, or a shard is incomplete")
+        present = f"{'model.layers' if what == 'layer' else 'experts'}.[{_clip(_ranges(held), 40)}] present"
+        raise LoadError(f"{path}: {said} ({present}); config.json and the weights disagree, or a shard is "
+                        "incomplete")
+
+
+def _check_headers(model: Llama, shapes: dict[str, tuple[int, ...]], where: dict[str, Path],
+                   path: Path) -> None:
     """Names and shapes from the headers only, before any tensor data is read."""
     expected = _expected(model)
-    names = {n for n in where if not _ignored(n, model.config)}
+    names = {n for n in shapes if not _ignored(n, model.config)}
     missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
     if missing:
         raise LoadError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the config needs: "
@@ -174,21 +277,10 @@ def _check_headers(model: Llama, where: dict[str, Path], path: Path) -> None:
         raise LoadError(f"{path}: the checkpoint has {len(unexpected)} tensor(s) a "
                         f"{model.config.model_type} model does not use: {summarise_names(unexpected)}; is "
                         "this a (non-quantized) checkpoint matching its config.json?")
-    by_file: dict[Path, list[str]] = {}
     for name in sorted(names):
-        by_file.setdefault(where[name], []).append(name)
-    for file, file_names in by_file.items():
-        with _open(file) as f:
-            held = set(f.keys())
-            for name in file_names:
-                if name not in held:
-                    raise LoadError(f"{path / INDEX_FILE} maps {name} to {file.name}, which does not hold "
-                                    "it; the index and the shards come from different saves")
-                got = tuple(f.get_slice(name).get_shape())
-                if got != expected[name]:
-                    raise LoadError(f"{file}: tensor {name} has shape {list(got)}, expected "
-                                    f"{list(expected[name])} from config.json; the config does not match "
-                                    "the weights")
+        if shapes[name] != expected[name]:
+            raise LoadError(f"{where[name]}: tensor {name} has shape {list(shapes[name])}, expected "
+                            f"{list(expected[name])} from config.json; the config does not match the weights")
 
 
 def _stream(model: Llama, where: dict[str, Path], device: torch.device, dtype: torch.dtype,

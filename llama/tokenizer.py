@@ -351,8 +351,8 @@ def _read_json(file: Path) -> dict[str, Any]:
         return {}
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{file} is not valid JSON ({e}): fix or delete it") from None
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, an int of 4300+ digits
+        raise TokenizerError(f"{file} is not valid JSON ({str(e)[:200]}): fix or delete it") from None
     if not isinstance(cfg, dict):
         raise TokenizerError(f"{file} should hold a JSON object, got {type(cfg).__name__}: fix or delete it")
     return cfg
@@ -419,12 +419,10 @@ def _config_ids(folder: Path | None) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for fname in reversed(ID_FILES) if folder is not None else ():
         cfg = _read_json(folder / fname)
-        for key in SPECIAL_KEYS:
-            value = cfg.get(key + "_id")
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if isinstance(value, int) and not isinstance(value, bool):
-                out[key] = value
+        for key in SPECIAL_KEYS:  # a negative id (old conversions wrote pad_token_id: -1) means none
+            ids = _token_ids(cfg, key + "_id", folder / fname, negative_ok=True)
+            if ids and ids[0] >= 0:
+                out[key] = ids[0]
     return out
 
 
@@ -432,9 +430,30 @@ def _generation_stop_ids(folder: Path | None) -> list[int]:
     """Every `eos_token_id` of generation_config.json (int or list): the ids generation stops at."""
     if folder is None:
         return []
-    value = _read_json(folder / ID_FILES[0]).get("eos_token_id")
-    values = value if isinstance(value, list) else [value]
-    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return _token_ids(_read_json(folder / ID_FILES[0]), "eos_token_id", folder / ID_FILES[0])
+
+
+def _token_ids(cfg: dict[str, Any], key: str, file: Path, negative_ok: bool = False) -> list[int]:
+    """`cfg[key]` as HF writes a token id: null, an id, or a list of ids (ids are integers >= 0).
+    Anything else is refused, naming the value: `[2, "x", null]` used to reach generation, where
+    sorting the stop ids raised a TypeError."""
+    value = cfg.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not negative_ok):
+            where = f"item {i} of {key}" if isinstance(value, list) else key
+            raise TokenizerError(f"{file}: {where} is {_shown(v)}, not a token id (an integer >= 0); "
+                                 f"fix {key} (an id, a list of ids, or null) or restore the file from the "
+                                 "original checkpoint")
+    return list(values)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A JSON value for an error line, bounded (strings cut before repr, containers by their type)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = repr(value[:limit]) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _chat_template(cfg: dict[str, Any], folder: Path | None) -> str | None:
@@ -456,7 +475,10 @@ def _chat_template(cfg: dict[str, Any], folder: Path | None) -> str | None:
 
 
 def _check_vocab_against_model(tok: Tokenizer, folder: Path) -> None:
-    model_vocab = _read_json(folder / "config.json").get("vocab_size")
+    model_cfg = _read_json(folder / "config.json")
+    # the model's own stop ids (LlamaConfig.eos_token_ids) reach generation too: same rule as above
+    _token_ids(model_cfg, "eos_token_id", folder / "config.json")
+    model_vocab = model_cfg.get("vocab_size")
     if isinstance(model_vocab, int) and not isinstance(model_vocab, bool) and tok.vocab_size > model_vocab:
         raise TokenizerError(f"{tok.source} has {tok.vocab_size} tokens but the model's config.json says "
                              f"vocab_size {model_vocab}: ids past {model_vocab - 1} have no embedding; "

