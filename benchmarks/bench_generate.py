@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bt.print_env(info)
     bt.check_imports(imports_needed(args, variants, device))
     bt.check_4bit_kernels(device, dtype)
+    if args.preflight:
+        print("preflight: every package this run needs imports; NF4 kernels run on", device)
+        return {}
     bt.stop_on_sigterm()
     mem = bt.PeakMemory(device)
     tmp: Path | None = None

@@ -635,6 +635,9 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None, presets: d
                     help="write the random HF checkpoint here once and reuse it in later runs (both scripts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write environment + results here")
+    ap.add_argument("--preflight", action="store_true",
+                    help="only check that every package this run needs imports and that the 4-bit kernels "
+                         "run on the device, then exit (0 = ready)")
     first, _ = ap.parse_known_args(argv)
     if first.preset:
         ap.set_defaults(**presets[first.preset])
@@ -664,7 +667,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", default=None,
                     help="ours with train.compile (each decoder layer compiled): off | on | off,on "
                          "(default off,on on CUDA, off on CPU)")
+    ap.add_argument("--only-checkpoint", action="store_true",
+                    help="after the preflight, only write the random checkpoint to --checkpoint-dir; exit")
     args = parse_common(ap, argv, PRESETS, "also run transformers + peft + bitsandbytes on the same weights")
+    if args.only_checkpoint and args.checkpoint_dir is None:
+        ap.error("--only-checkpoint needs --checkpoint-dir")
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if not set(args.grad_ckpt.replace(" ", "").split(",")) <= {"on", "off"}:
@@ -782,6 +789,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_env(info)
     check_imports(imports_needed(args, device))
     check_4bit_kernels(device, dtype)
+    if args.preflight:
+        print("preflight: every package this run needs imports; NF4 kernels run on", device)
+        return {}
+    if args.only_checkpoint:
+        checkpoint_once(model_config(args.shape, args.layers, dtype), args.checkpoint_dir, device, dtype,
+                        args.seed)
+        return {}
     stop_on_sigterm()
     mem = PeakMemory(device)
     tmp: Path | None = None
