@@ -196,12 +196,18 @@ class Stopped(SystemExit):
     """SIGTERM (what `timeout` sends) turned into an exception, so `finally` blocks still run."""
 
 
+_SIGTERM_SEEN = False
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM raises `Stopped` (exit status 143): temporary checkpoints are removed, and the summary
     of what ran is printed and stored. A second SIGTERM (timeout also signals its process group) is
-    ignored; `timeout -k` still ends a process whose clean-up hangs."""
+    ignored; `timeout -k` still ends a process whose clean-up hangs. Should library code swallow the
+    exception (a compiler wrapping it in its own error), the next `Reporter.update` raises it again."""
 
     def handler(signum: int, frame: Any) -> None:
+        global _SIGTERM_SEEN
+        _SIGTERM_SEEN = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Stopped(128 + signum)
 
@@ -267,11 +273,13 @@ class Reporter:
 
     def update(self, results: list, *extra: Any) -> dict[str, Any]:
         summary, lines = self.summarise(results, *extra)
+        self.write(results, summary, complete=False)  # first: a printed line is always in the file too
         for key, text in lines:
             if self.printed.get(key) != text:
                 print(text, flush=True)
                 self.printed[key] = text
-        self.write(results, summary, complete=False)
+        if _SIGTERM_SEEN:
+            raise Stopped(128 + signal.SIGTERM)
         return summary
 
     def finish(self, results: list, *extra: Any, stopped: str | None = None) -> dict[str, Any]:

@@ -53,6 +53,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 # 0. Every package both scripts need imports, and the NF4 kernels run on the device: before any work.
 stage "0 preflight"
+if [ -z "$PRESET" ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "runbook stopped: no CUDA device visible to $PY (PRESET=cpu-tiny rehearses the same steps on CPU)"
+    exit 2
+fi
 if ! "${GEN[@]}" --preflight >"$OUT/preflight.log" 2>&1; then
     tail -n 3 "$OUT/preflight.log"; echo "runbook stopped: bench_generate.py's preflight failed"; exit 2
 fi
