@@ -18,6 +18,10 @@ unmerged LoRA r=16 on q/k/v/o on both sides, as eval.py runs a trained adapter. 
 ids of --prompt-len tokens (the unragged setting the HF anchor was measured in); --ragged spreads
 their lengths down to half, so left padding is exercised.
 
+HF runs first, then ours (4-bit before dense, eager before compiled): each row of ours prints its
+agreement and target lines as soon as it is measured and --json is rewritten after every row, so a
+run stopped by a timeout keeps them (see bench_train.py, "Reporting as it goes").
+
 The agreement line (rows whose greedy tokens are identical, ours vs HF) shows that both decode the
 same model; in fp32 on CPU they should agree, in bf16 near-ties may flip late tokens.
 Targets (H100, Llama-2-7B, see benchmarks/README.md): ours >= 20x HF new tokens/s at batch 1 and

@@ -18,6 +18,12 @@ so both sides load identical weights through their production loaders (ours: lla
 with the quant hook; HF: from_pretrained with BitsAndBytesConfig), and a parity line shows both
 compute the same loss before training.
 
+Reporting as it goes (issue 29): HF runs first, then ours eager, then ours compiled, so each row of
+ours completes its pair at once; its ratio and target lines are printed then (a target again when a
+faster variant improves it), and --json is rewritten (atomically) after every row. Every import the
+run needs is checked at start (one `error:` line naming a missing package); SIGTERM (a timeout) ends the
+run with a summary of what ran and `"stopped"` in the JSON.
+
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights + activations + optimizer, reset per
 configuration); on CPU the process's peak resident set (VmHWM, reset per configuration where Linux
 allows it), which includes the interpreter and libraries and is only a rough indicator.
