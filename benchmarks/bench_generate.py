@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record(res, b, out)
             del hf
             bt.free(device)
+            bt.report_leftover(device, "hf model")
         if path is None:
             model = bt.build_random(cfg, device, dtype, args.seed)
         else:

@@ -188,6 +188,14 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def report_leftover(device: torch.device, what: str) -> None:
+    """After `what` is freed, say if CUDA memory is still held (it would count in the next peaks)."""
+    if device.type == "cuda":
+        left = torch.cuda.memory_allocated(device)
+        note = "" if left < 2**28 else "; warning: it counts in ours' peak memory (a reference kept alive?)"
+        print(f"{what} freed: {left / 2**20:.0f} MiB still allocated{note}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # reporting as the run goes (a timeout keeps what was measured), imports checked before any work
 
@@ -855,6 +863,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_impl("hf", model, args, device, dtype, cfg["vocab_size"], mem, results, parity, report)
             del model
             free(device)
+            report_leftover(device, "hf model")
         mem.reset()
         t0 = time.perf_counter()
         if path is None:
