@@ -4,9 +4,10 @@ The runbook's scripts run here with `--preset cpu-tiny` and the runbook's own fl
 midway the way `timeout` stops them: SIGTERM (what `timeout` sends first) or SIGKILL (what `timeout -k`
 sends when that does not end it), sent right after the first `target` line, while configurations are
 still to come. Whatever was printed must be in the output and the --json file must hold those rows
-and that target, marked incomplete. The last test runs benchmarks/gpu_runbook.sh itself with a
-training stage timeout far shorter than the stage (CPU compiling takes minutes), so the real `timeout`
-fires somewhere in the middle; every line it left must agree with the JSON it left. Speeds printed on a
+and that target, marked incomplete. The last test runs benchmarks/gpu_check.sh itself (the gpu tests,
+skipped here, then the runbook) with a training stage timeout far shorter than the stage (compiling on
+a CPU takes minutes), so the real `timeout` fires somewhere in the middle; every line it left must
+agree with the JSON it left, and the summary must say what happened. Speeds printed on a
 CPU mean nothing and are not checked.
 """
 
@@ -117,19 +118,25 @@ def test_a_missing_package_is_named_before_any_work(tmp_path: Path) -> None:
     assert "model:" not in proc.stdout and not list(tmp_path.iterdir())  # nothing loaded, nothing written
 
 
-def test_runbook_stopped_by_its_timeout_keeps_every_line_it_printed(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    # training: HF and ours eager take seconds, compiling on a CPU minutes, so 25 s stops it midway
+@pytest.mark.slow  # the whole gpu_check.sh on CPU: pytest -m gpu (all skipped), then the runbook, ~1.5 min
+def test_gpu_check_with_training_stopped_by_its_timeout_keeps_every_line(tmp_path: Path) -> None:
+    out, log_file = tmp_path / "out", tmp_path / "check.log"
+    log_file.write_text("an earlier run\n")
+    # training: HF and ours eager take seconds, compiling on a CPU minutes, so 40 s stops it midway
     env = dict(ENV, PY=sys.executable, PRESET="cpu-tiny", CK=str(tmp_path / "ck"), OUT=str(out),
-               TRAIN_S="25", GEN_VARIANTS="4bit,dense")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runbook.sh")], capture_output=True,
-                          text=True, timeout=400, env=env, cwd=tmp_path)
+               LOG=str(log_file), TRAIN_S="40", GEN_VARIANTS="4bit,dense")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
     log = proc.stdout
-    assert "training: STOPPED by its timeout" in log, log[-3000:]
-    assert "generation: complete" in log and proc.returncode == 1, log[-3000:]
+    assert proc.returncode == 1, log[-3000:] + proc.stderr[-2000:]
+    assert log_file.read_text() == "an earlier run\n" + log  # everything printed is appended to the log
+    summary = log[log.index("== gpu_check summary"):]
+    assert "gpu tests: ok: " in summary and "skipped" in summary, summary
+    assert "gpu tests: skipped here: no CUDA device" in summary
+    assert "training: STOPPED by its timeout" in summary and "generation: complete" in summary, summary
     train_log = (out / "train.log").read_text().splitlines()
     data = json.loads((out / "train.json").read_text())
-    assert data["complete"] is False
+    assert data["complete"] is False and data["stopped"].startswith("SIGTERM")
     # every row and the latest line of every target the stopped stage printed are in its JSON
     printed_rows = [line for line in train_log if re.match(r"(hf|ours\S*) +\d+x\d+ ckpt=", line)]
     assert printed_rows and len(printed_rows) == len(data["results"]), (printed_rows, data["results"])
@@ -140,8 +147,7 @@ def test_runbook_stopped_by_its_timeout_keeps_every_line_it_printed(tmp_path: Pa
     assert latest, train_log
     for shape, ratio in latest.items():
         assert abs(data["targets"][f"speed_{shape}"]["ratio"] - ratio) < 0.01
-    # the final block repeats the latest line per target, from both stages
-    tail = log[log.index("== targets"):]
+    # the summary repeats the latest line per target, from both stages
     for head in ("target 1x128 ckpt=on", "target batch 1 new tokens/s", "target batch 16 new tokens/s"):
-        assert head in tail, tail
+        assert head in summary, summary
     assert json.loads((out / "generate.json").read_text())["complete"] is True
