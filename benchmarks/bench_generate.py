@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     reporter: bt.Reporter | None = None
     stopped: str | None = None
+    done = False
     summary: dict[str, Any] = {}
     try:
         if path is None:
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record(res, b, out)
         del model
         bt.free(device)
+        done = True
     except bt.Stopped:
         stopped = "SIGTERM (a timeout?)"
         raise
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if reporter is not None:
+            if not done and stopped is None:
+                stopped = "an error (its traceback follows)"
             summary = reporter.finish(results, outputs, stopped=stopped)
     return {"results": results, **summary}
 

@@ -826,6 +826,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parity: dict[str, float] = {}
     reporter: Reporter | None = None
     stopped: str | None = None
+    done = False
     summary: dict[str, Any] = {}
     try:
         if path is None:
@@ -876,6 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_impl("ours", model, args, device, dtype, cfg["vocab_size"], mem, results, parity, report)
         del model
         free(device)
+        done = True
     except Stopped:
         stopped = "SIGTERM (a timeout?)"
         raise
@@ -883,6 +885,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if reporter is not None:
+            if not done and stopped is None:
+                stopped = "an error (its traceback follows)"
             summary = reporter.finish(results, parity, stopped=stopped)
     return {"results": results, **summary}
 
