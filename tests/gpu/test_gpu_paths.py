@@ -1,16 +1,17 @@
 """The GPU-only paths, each on a tiny fixture Llama in seconds, so the first GPU run finds what breaks.
 
 Every test here is marked `gpu` (skipped without CUDA, with the reason, by tests/conftest.py); all of
-them together run in one short call (`bash benchmarks/gpu_check.sh` runs them first). Each compares
+them together run in one short call (`bash benchmarks/gpu_check.sh` runs them first), the ones without
+a compile or a second process first, so a timeout still leaves their verdicts. Each compares
 the GPU path with its plain eager or CPU counterpart, or checks the one property the path is for:
+- a pre-quantised model loaded on CPU and moved with `.to("cuda")` computes what it computed on CPU
+  and what the same file loaded straight onto the GPU computes;
+- bf16 autocast with fused AdamW trains (the loss falls, adapters stay fp32 and finite);
+- fp16 autocast with the GradScaler takes real optimizer steps;
+- bitsandbytes' 8-bit AdamW keeps 8-bit moments and trains;
 - the compiled decode step (CUDA graphs) generates the eager tokens, recorded and replayed;
 - three compiled training steps (train.compile: each decoder layer, NF4 + LoRA, checkpointing) give
   the eager losses;
-- bf16 autocast with fused AdamW trains (the loss falls, adapters stay fp32 and finite);
-- a pre-quantised model loaded on CPU and moved with `.to("cuda")` computes what it computed on CPU
-  and what the same file loaded straight onto the GPU computes;
-- fp16 autocast with the GradScaler takes real optimizer steps;
-- bitsandbytes' 8-bit AdamW keeps 8-bit moments and trains;
 - two NCCL ranks (`torchrun train.py`) train when two GPUs are present.
 The models are fp32 wherever the comparison must be tight, so a difference means a bug, not rounding.
 """
@@ -88,38 +89,26 @@ def compiler_works() -> None:
         pytest.fail(f"torch.compile does not work on this GPU machine: {problem}")
 
 
-@pytest.mark.parametrize("base", ["dense", "nf4"])
-def test_cuda_graph_decode_generates_the_eager_tokens(model_dir: Path, base: str) -> None:
-    compiler_works()
-    torch._dynamo.reset()
-    hook = quant.nf4(compute_dtype=torch.float32) if base == "nf4" else None
-    model = llama.from_pretrained(model_dir, device=CUDA, dtype=torch.float32, linear_hook=hook)
-    prompts = [[1, 45, 300, 17, 9, 88], [1, 5], [1, 400, 401]]  # ragged: left padding in the batch
-    eager = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[])
-    first = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[], compile=True)  # compile, record
-    again = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[], compile=True)  # replay
-    assert [len(row) for row in eager] == [12, 12, 12]
-    assert first == eager and again == eager
+def test_prequantised_model_moved_to_cuda_computes_as_on_cpu(model_dir: Path, tmp_path: Path) -> None:
+    qc = quant.QuantConfig(compute_dtype=torch.float32)
+    cpu_model = llama.from_pretrained(model_dir, linear_hook=quant.make_hook(qc))
+    saved = quant.save_quantized(cpu_model, tmp_path / "nf4", qc)
 
+    def skeleton() -> torch.nn.Module:
+        with torch.device("meta"):
+            return llama.Llama(cpu_model.config)
 
-def test_three_compiled_training_steps_give_the_eager_losses(model_dir: Path) -> None:
-    from finetune.compiling import compile_decoder_layers
-
-    compiler_works()
-    torch._dynamo.reset()
-    ids = token_batch()
-    losses = {}
-    for compiled in (False, True):
-        model = qlora_model(model_dir, torch.float32, seed=0)
-        model.gradient_checkpointing = True
-        model.train()
-        if compiled:
-            assert compile_decoder_layers(model, CUDA)
-        opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
-        losses[compiled] = train_steps(model, opt, ids, steps=3)
-    eager, compiled = losses[False], losses[True]
-    assert eager[2] < eager[0]  # the steps did something the comparison can see
-    assert compiled == pytest.approx(eager, rel=1e-3), (compiled, eager)
+    moved = quant.load_quantized(skeleton(), saved, qc, device="cpu").to("cuda")
+    direct = quant.load_quantized(skeleton(), saved, qc, device="cuda")
+    four_bit = [m for m in moved.modules() if isinstance(m, quant.Linear4bit)]
+    assert four_bit and all(m.weight.device.type == "cuda" for m in four_bit)
+    assert all(m.weight.quant_state.absmax.device.type == "cuda" for m in four_bit)  # the stats moved too
+    ids = token_batch(seed=3).cpu()
+    with torch.no_grad():
+        want = cpu_model(ids)
+        got = moved(ids.to(CUDA))
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, direct(ids.to(CUDA)))
 
 
 def test_bf16_autocast_with_fused_adamw_trains(model_dir: Path) -> None:
@@ -144,28 +133,6 @@ def test_bf16_autocast_with_fused_adamw_trains(model_dir: Path) -> None:
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in params)
-
-
-def test_prequantised_model_moved_to_cuda_computes_as_on_cpu(model_dir: Path, tmp_path: Path) -> None:
-    qc = quant.QuantConfig(compute_dtype=torch.float32)
-    cpu_model = llama.from_pretrained(model_dir, linear_hook=quant.make_hook(qc))
-    saved = quant.save_quantized(cpu_model, tmp_path / "nf4", qc)
-
-    def skeleton() -> torch.nn.Module:
-        with torch.device("meta"):
-            return llama.Llama(cpu_model.config)
-
-    moved = quant.load_quantized(skeleton(), saved, qc, device="cpu").to("cuda")
-    direct = quant.load_quantized(skeleton(), saved, qc, device="cuda")
-    four_bit = [m for m in moved.modules() if isinstance(m, quant.Linear4bit)]
-    assert four_bit and all(m.weight.device.type == "cuda" for m in four_bit)
-    assert all(m.weight.quant_state.absmax.device.type == "cuda" for m in four_bit)  # the stats moved too
-    ids = token_batch(seed=3).cpu()
-    with torch.no_grad():
-        want = cpu_model(ids)
-        got = moved(ids.to(CUDA))
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got, direct(ids.to(CUDA)))
 
 
 def test_fp16_autocast_with_grad_scaler_takes_optimizer_steps(model_dir: Path) -> None:
@@ -223,6 +190,40 @@ def test_adamw8bit_keeps_8bit_moments_and_trains(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     moments = [opt.state[p]["state1"] for p in params if p.numel() >= 4096]
     assert moments and all(m.dtype == torch.uint8 for m in moments)
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_cuda_graph_decode_generates_the_eager_tokens(model_dir: Path, base: str) -> None:
+    compiler_works()
+    torch._dynamo.reset()
+    hook = quant.nf4(compute_dtype=torch.float32) if base == "nf4" else None
+    model = llama.from_pretrained(model_dir, device=CUDA, dtype=torch.float32, linear_hook=hook)
+    prompts = [[1, 45, 300, 17, 9, 88], [1, 5], [1, 400, 401]]  # ragged: left padding in the batch
+    eager = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[])
+    first = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[], compile=True)  # compile, record
+    again = llama.generate_ids(model, prompts, max_new_tokens=12, eos_id=[], compile=True)  # replay
+    assert [len(row) for row in eager] == [12, 12, 12]
+    assert first == eager and again == eager
+
+
+def test_three_compiled_training_steps_give_the_eager_losses(model_dir: Path) -> None:
+    from finetune.compiling import compile_decoder_layers
+
+    compiler_works()
+    torch._dynamo.reset()
+    ids = token_batch()
+    losses = {}
+    for compiled in (False, True):
+        model = qlora_model(model_dir, torch.float32, seed=0)
+        model.gradient_checkpointing = True
+        model.train()
+        if compiled:
+            assert compile_decoder_layers(model, CUDA)
+        opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
+        losses[compiled] = train_steps(model, opt, ids, steps=3)
+    eager, compiled = losses[False], losses[True]
+    assert eager[2] < eager[0]  # the steps did something the comparison can see
+    assert compiled == pytest.approx(eager, rel=1e-3), (compiled, eager)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL between two ranks)")
