@@ -18,6 +18,10 @@ unmerged LoRA r=16 on q/k/v/o on both sides, as eval.py runs a trained adapter. 
 ids of --prompt-len tokens (the unragged setting the HF anchor was measured in); --ragged spreads
 their lengths down to half, so left padding is exercised.
 
+HF runs first, then ours (4-bit before dense, eager before compiled): each row of ours prints its
+agreement and target lines as soon as it is measured and --json is rewritten after every row, so a
+run stopped by a timeout keeps them (see bench_train.py, "Reporting as it goes").
+
 The agreement line (rows whose greedy tokens are identical, ours vs HF) shows that both decode the
 same model; in fp32 on CPU they should agree, in bf16 near-ties may flip late tokens.
 Targets (H100, Llama-2-7B, see benchmarks/README.md): ours >= 20x HF new tokens/s at batch 1 and
@@ -48,7 +52,7 @@ import llama  # noqa: E402
 import lora  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-tiny": dict(shape="tiny", device="cpu", batch_sizes="4", prompt_len=16, new_tokens=16, warmup=1,
+    "cpu-tiny": dict(shape="tiny", device="cpu", batch_sizes="1,16", prompt_len=16, new_tokens=16, warmup=1,
                      repeats=2, variants="4bit,dense", ragged=True),
 }
 TARGETS = {1: 20.0, 16: 10.0}  # batch size -> ours/HF new tokens/s wanted (7B on an H100)
@@ -66,6 +70,8 @@ class GenResult:
     generated: int = 0  # new tokens produced per call (all rows)
     peak_bytes: int = 0
     examples_per_s: float = math.nan  # prompts answered per second
+    warmup_s: float = math.nan  # the untimed calls (compiling and capturing CUDA graphs, for +compile)
+    graphs: int = 0  # graphs torch.compile had made in this process after this configuration
 
 
 def make_prompts(n: int, length: int, vocab: int, ragged: bool, seed: int) -> list[list[int]]:
@@ -107,9 +113,11 @@ def measure(impl: str, run: Any, prompts: list[list[int]], new_tokens: int, warm
     out: list[list[int]] = []
     mem.reset()
     try:
+        t0 = time.perf_counter()
         for _ in range(warmup):  # also compiles, for ours+compile
             run()
         bt.sync(device)
+        res.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(repeats):
             out = run()
@@ -123,6 +131,7 @@ def measure(impl: str, run: Any, prompts: list[list[int]], new_tokens: int, warm
         return res, out
     finally:
         res.peak_bytes = mem.peak()
+        res.graphs = bt.compiled_graphs()
     res.generated = sum(len(o) for o in out)
     res.ms_per_call = seconds * 1e3
     res.tokens_per_s = res.generated / seconds
@@ -137,7 +146,8 @@ def print_row(r: GenResult) -> None:
         return
     print(f"{what}: {r.tokens_per_s:>9.1f} new tok/s  {r.ms_per_call:>9.1f} ms/call  "
           f"{r.ms_per_call / r.new_tokens:>7.2f} ms/step {r.examples_per_s:>8.2f} ex/s  "
-          f"peak {bt.fmt_bytes(r.peak_bytes)}", flush=True)
+          f"peak {bt.fmt_bytes(r.peak_bytes)}  (warmup {r.warmup_s:.1f} s"
+          f"{f', {r.graphs} graphs compiled so far' if r.impl.endswith('compile') else ''})", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,7 +195,24 @@ def add_lora(impl: str, model: nn.Module) -> nn.Module:
         return get_peft_model(model, lc).eval()
 
 
+def imports_needed(args: argparse.Namespace, variants: list[str],
+                   device: torch.device) -> list[tuple[str, str]]:
+    """Every module this run will import later (checked at start by `bench_train.check_imports`)."""
+    needs = [("bitsandbytes", "the 4-bit model"), ("safetensors.torch", "the random checkpoint")]
+    if any(v.startswith("dense") for v in variants):
+        needs.append(("finetune.evaluate.dense", "--variants dense"))
+    if any(v.endswith("+compile") for v in variants) and device.type == "cuda":
+        needs.append(("triton", "--variants ...+compile (inductor on CUDA)"))
+    if args.compare_hf:
+        needs += [("transformers", "--compare-hf"), ("accelerate", "--compare-hf (transformers' bitsandbytes "
+                                                                   "loading)")]
+        if args.lora:
+            needs.append(("peft", "--compare-hf --lora"))
+    return needs
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    bt.line_buffered_stdout()
     args = parse_args(argv)
     device = bt.pick_device(args.device)
     dtype = bt.compute_dtype(device, args.dtype)
@@ -196,29 +223,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"error: --variants: unknown {bad}; use 4bit, 4bit+compile, dense, dense+compile")
     info = bt.env_info(device)
     bt.print_env(info)
+    bt.check_imports(imports_needed(args, variants, device))
+    bt.check_4bit_kernels(device, dtype)
+    if args.preflight:
+        print("preflight: every package this run needs imports; NF4 kernels run on", device)
+        return {}
+    bt.stop_on_sigterm()
     mem = bt.PeakMemory(device)
     tmp: Path | None = None
     path = args.checkpoint
-    if path is None:
-        cfg = bt.model_config(args.shape, args.layers, dtype)
-        if args.checkpoint_dir is not None:
-            path = bt.checkpoint_once(cfg, args.checkpoint_dir, device, dtype, args.seed)
-        elif args.compare_hf:
-            tmp = Path(tempfile.mkdtemp(prefix="bench_generate_", dir=args.tmp_dir))
-            path = bt.write_hf_checkpoint(cfg, tmp / "model", device, dtype, args.seed)
-    else:
-        cfg = json.loads((path / "config.json").read_text())
-    batches = {b: make_prompts(b, args.prompt_len, cfg["vocab_size"], args.ragged, args.seed + b)
-               for b in args.batch_list}
-    print(f"model: hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, "
-          f"vocab {cfg['vocab_size']}; "
-          f"NF4+DQ, compute {str(dtype).removeprefix('torch.')}{', LoRA r=16 q/k/v/o' if args.lora else ''}; "
-          f"batch sizes {args.batch_list}, prompts of {args.prompt_len} tokens"
-          f"{' (ragged down to half)' if args.ragged else ''}, {args.new_tokens} new tokens each, greedy, "
-          f"no EOS; {args.warmup} warmup + {args.repeats} timed calls; peak = {mem.kind}")
     results: list[GenResult] = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
+    reporter: bt.Reporter | None = None
+    stopped: str | None = None
+    done = False
+    summary: dict[str, Any] = {}
     try:
+        if path is None:
+            cfg = bt.model_config(args.shape, args.layers, dtype)
+            if args.checkpoint_dir is not None:
+                path = bt.checkpoint_once(cfg, args.checkpoint_dir, device, dtype, args.seed)
+            elif args.compare_hf:
+                tmp = Path(tempfile.mkdtemp(prefix="bench_generate_", dir=args.tmp_dir))
+                path = bt.write_hf_checkpoint(cfg, tmp / "model", device, dtype, args.seed)
+        else:
+            cfg = json.loads((path / "config.json").read_text())
+        batches = {b: make_prompts(b, args.prompt_len, cfg["vocab_size"], args.ragged, args.seed + b)
+                   for b in args.batch_list}
+        print(f"model: hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, "
+              f"vocab {cfg['vocab_size']}; NF4+DQ, compute {str(dtype).removeprefix('torch.')}"
+              f"{', LoRA r=16 q/k/v/o' if args.lora else ''}; batch sizes {args.batch_list}, prompts of "
+              f"{args.prompt_len} tokens{' (ragged down to half)' if args.ragged else ''}, {args.new_tokens} "
+              f"new tokens each, greedy, no EOS; {args.warmup} warmup + {args.repeats} timed calls; "
+              f"peak = {mem.kind}")
+        reporter = bt.Reporter(args, info, cfg, lambda rows, outs: summarise(rows, outs, device, args.shape))
+
+        def record(res: GenResult, b: int, out: list[list[int]]) -> None:
+            print_row(res)
+            results.append(res)
+            outputs[(res.impl, b)] = out
+            reporter.update(results, outputs)
+
+        # HF first: then each row of ours completes its pair at once and prints its agreement and target
+        # lines, the 4-bit variants before the compiled ones, so a run cut short still has them.
+        if args.compare_hf:
+            hf = bt.load_hf(path, device, dtype)
+            if args.lora:
+                hf = add_lora("hf", hf)
+            for b, prompts in batches.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # generation-flag notices
+                    res, out = measure("hf", hf_generate_fn(hf, prompts, args.new_tokens, device), prompts,
+                                       args.new_tokens, args.warmup, args.repeats, device, mem)
+                record(res, b, out)
+            del hf
+            bt.free(device)
+            bt.report_leftover(device, "hf model")
         if path is None:
             model = bt.build_random(cfg, device, dtype, args.seed)
         else:
@@ -226,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.lora:
             model = add_lora("ours", model)
         is_dense = False
-        for variant in sorted(variants, key=lambda v: v.startswith("dense")):  # 4-bit ones first
+        # 4-bit ones first, and within each, eager before compiled (compiling is the slow, uncertain part)
+        for variant in sorted(variants, key=lambda v: (v.startswith("dense"), v.endswith("+compile"))):
             if variant.startswith("dense") and not is_dense:
                 from finetune.evaluate.dense import densify, plan_dense
 
@@ -243,37 +304,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = ours_generate_fn(model, prompts, args.new_tokens, on)
                 res, out = measure(name, run, prompts, args.new_tokens, args.warmup, args.repeats, device,
                                    mem)
-                print_row(res)
-                results.append(res)
-                outputs[(name, b)] = out
+                record(res, b, out)
         del model
         bt.free(device)
-        if args.compare_hf:
-            hf = bt.load_hf(path, device, dtype)
-            if args.lora:
-                hf = add_lora("hf", hf)
-            for b, prompts in batches.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # generation-flag notices
-                    res, out = measure("hf", hf_generate_fn(hf, prompts, args.new_tokens, device), prompts,
-                                       args.new_tokens, args.warmup, args.repeats, device, mem)
-                print_row(res)
-                results.append(res)
-                outputs[("hf", b)] = out
-            del hf
-            bt.free(device)
+        done = True
+    except bt.Stopped:
+        stopped = "SIGTERM (a timeout?)"
+        raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    summary = summarise(results, outputs, device, args.shape)
-    bt.write_json(args, info, cfg, results, summary)
+        if reporter is not None:
+            if not done and stopped is None:
+                stopped = "an error (its traceback follows)"
+            summary = reporter.finish(results, outputs, stopped=stopped)
     return {"results": results, **summary}
 
 
 def summarise(results: list[GenResult], outputs: dict[tuple[str, int], list[list[int]]],
-              device: torch.device, shape: str = "7b") -> dict[str, Any]:
-    """Ratios and greedy agreement per (variant, batch size) vs HF, and a PASS/FAIL line per target."""
+              device: torch.device, shape: str = "7b") -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Ratios and greedy agreement per (variant, batch size) vs HF, and a PASS/FAIL line per target.
+
+    Works on the rows so far (the best of ours so far per batch size); returns the summary for --json
+    and its lines as (key, text), as `bench_train.Reporter` wants them.
+    """
+    lines: list[tuple[str, str]] = []
     by = {(r.impl, r.prompts): r for r in results if r.status == "ok"}
     ratios: dict[str, float] = {}
     agreement: dict[str, dict[str, int]] = {}
@@ -288,8 +343,9 @@ def summarise(results: list[GenResult], outputs: dict[tuple[str, int], list[list
         agreement[key] = {"rows_identical": sum(x == y for x, y in zip(a, h)),
                           "first_token_equal": sum(x[:1] == y[:1] for x, y in zip(a, h)), "rows": len(a)}
         g = agreement[key]
-        print(f"{key} vs hf: greedy rows identical {g['rows_identical']}/{g['rows']}, first token equal "
-              f"{g['first_token_equal']}/{g['rows']}; speed ratio {ratios[key]:.2f}x")
+        lines.append((key, f"{key} vs hf: greedy rows identical {g['rows_identical']}/{g['rows']}, first "
+                           f"token equal {g['first_token_equal']}/{g['rows']}; "
+                           f"speed ratio {ratios[key]:.2f}x"))
         if b not in best or ratios[key] > best[b][0]:
             best[b] = (ratios[key], impl)
     gpu_7b = device.type == "cuda" and shape == "7b"
@@ -298,9 +354,9 @@ def summarise(results: list[GenResult], outputs: dict[tuple[str, int], list[list
         if b in best:
             ratio, impl = best[b]
             checks[f"speed_batch_{b}"] = {"ratio": ratio, "want": want, "pass": ratio >= want, "impl": impl}
-            print(f"target batch {b} new tokens/s >= {want:g}x hf: {ratio:.2f}x ({impl}) "
-                  f"{bt.verdict(ratio >= want, gpu_7b)}")
-    return {"ratios": ratios, "agreement": agreement, "targets": checks}
+            head = f"target batch {b} new tokens/s >= {want:g}x hf"
+            lines.append((head, f"{head}: {ratio:.2f}x ({impl}) {bt.verdict(ratio >= want, gpu_7b)}"))
+    return {"ratios": ratios, "agreement": agreement, "targets": checks}, lines
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ so both sides load identical weights through their production loaders (ours: lla
 with the quant hook; HF: from_pretrained with BitsAndBytesConfig), and a parity line shows both
 compute the same loss before training.
 
+Reporting as it goes (issue 29): HF runs first, then ours eager, then ours compiled, so each row of
+ours completes its pair at once; its ratio and target lines are printed then (a target again when a
+faster variant improves it), and --json is rewritten (atomically) after every row. Every import the
+run needs is checked at start (one `error:` line naming a missing package); SIGTERM (a timeout) ends the
+run with a summary of what ran and `"stopped"` in the JSON.
+
 Peak memory: torch.cuda.max_memory_allocated on CUDA (weights + activations + optimizer, reset per
 configuration); on CPU the process's peak resident set (VmHWM, reset per configuration where Linux
 allows it), which includes the interpreter and libraries and is only a rough indicator.
@@ -37,6 +43,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -74,8 +81,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                          bos_token_id=1, eos_token_id=2),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# cpu-tiny: the runbook's own shapes (so every target line is produced) on the 2-layer model, in seconds
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-tiny": dict(shape="tiny", device="cpu", shapes="1x64,2x128", warmup=1, steps=2),
+    "cpu-tiny": dict(shape="tiny", device="cpu", shapes="1x128,4x512,1x2048", warmup=1, steps=2),
 }
 GiB = 2**30
 
@@ -178,6 +186,138 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def report_leftover(device: torch.device, what: str) -> None:
+    """After `what` is freed, say if CUDA memory is still held (it would count in the next peaks)."""
+    if device.type == "cuda":
+        left = torch.cuda.memory_allocated(device)
+        note = "" if left < 2**28 else "; warning: it counts in ours' peak memory (a reference kept alive?)"
+        print(f"{what} freed: {left / 2**20:.0f} MiB still allocated{note}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# reporting as the run goes (a timeout keeps what was measured), imports checked before any work
+
+
+def line_buffered_stdout() -> None:
+    """Every line reaches the log when printed, also through `| tee` (a pipe is block-buffered)."""
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+
+class Stopped(SystemExit):
+    """SIGTERM (what `timeout` sends) turned into an exception, so `finally` blocks still run."""
+
+
+_SIGTERM_SEEN = False
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises `Stopped` (exit status 143): temporary checkpoints are removed, and the summary
+    of what ran is printed and stored. A second SIGTERM (timeout also signals its process group) is
+    ignored; `timeout -k` still ends a process whose clean-up hangs. Should library code swallow the
+    exception (a compiler wrapping it in its own error), the next `Reporter.update` raises it again."""
+
+    def handler(signum: int, frame: Any) -> None:
+        global _SIGTERM_SEEN
+        _SIGTERM_SEEN = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def check_imports(needs: list[tuple[str, str]]) -> None:
+    """Import every module the run will use, now: a missing or broken package ends the run with one
+    line naming it, before minutes of loading and measuring (exit status 2)."""
+    import importlib
+
+    for module, why in needs:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 -- ImportError, or a package that fails while importing
+            package = module.split(".")[0]
+            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            print(f"error: {why} needs the Python package '{package}', which cannot be imported "
+                  f"({type(e).__name__}: {detail}); install it (pip install -e '.[test]' has them all) "
+                  "and run again", flush=True)
+            sys.exit(2)
+
+
+def check_4bit_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """One tiny NF4 quantise/dequantise on `device`: a bitsandbytes without kernels for it fails here."""
+    import bitsandbytes.functional as bf
+
+    try:
+        w = torch.randn(64, 64, device=device, dtype=dtype)
+        packed, state = bf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+        back = bf.dequantize_4bit(packed, state)
+        sync(device)
+        if not bool(torch.isfinite(back).all()):
+            raise RuntimeError("non-finite dequantised values")
+    except Exception as e:  # noqa: BLE001 -- any failure means the 4-bit path cannot run here
+        print(f"error: bitsandbytes cannot quantise to NF4 on {device} ({type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})", flush=True)
+        sys.exit(2)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile (dynamo) has made in this process so far (each one is a compile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class Reporter:
+    """Prints summary lines as soon as they can be computed and keeps --json current.
+
+    `update(results, *extra)` runs `summarise(results, *extra)` (which returns the summary and its
+    lines as (key, text) pairs), prints each line whose text is new or changed since it was last
+    printed (a target line again when a faster variant of ours improves it), and rewrites --json
+    atomically with `"complete": false`. `finish(results, *extra, stopped=...)` prints every line once
+    more under a `== summary` heading (the last lines of a log repeat every target) and writes the
+    JSON with `"complete"` true, or false and `"stopped"` saying why the run ended early.
+    """
+
+    def __init__(self, args: argparse.Namespace, info: dict, cfg: dict,
+                 summarise: Callable[..., Any]) -> None:
+        self.args, self.info, self.cfg, self.summarise = args, info, cfg, summarise
+        self.printed: dict[str, str] = {}
+
+    def update(self, results: list, *extra: Any) -> dict[str, Any]:
+        summary, lines = self.summarise(results, *extra)
+        self.write(results, summary, complete=False)  # first: a printed line is always in the file too
+        for key, text in lines:
+            if self.printed.get(key) != text:
+                print(text, flush=True)
+                self.printed[key] = text
+        if _SIGTERM_SEEN:
+            raise Stopped(128 + signal.SIGTERM)
+        return summary
+
+    def finish(self, results: list, *extra: Any, stopped: str | None = None) -> dict[str, Any]:
+        summary, lines = self.summarise(results, *extra)
+        head = "== summary" + (f" (stopped early: {stopped}; only the configurations above ran)" if stopped
+                               else "") + " =="
+        print(head, flush=True)
+        for _, text in lines:
+            print(text, flush=True)
+        self.write(results, summary, complete=stopped is None, stopped=stopped)
+        return summary
+
+    def write(self, results: list, summary: dict, complete: bool, stopped: str | None = None) -> None:
+        """`--json FILE`: environment, arguments, model, every result row so far and the summary; written
+        to a temporary file and renamed, so a kill mid-write leaves the previous complete file."""
+        if self.args.json is None:
+            return
+        data = {"complete": complete, **({"stopped": stopped} if stopped else {}), "env": self.info,
+                "args": {k: str(v) for k, v in vars(self.args).items()}, "model": self.cfg,
+                "results": [asdict(r) for r in results], **summary}
+        self.args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.args.json.with_name(self.args.json.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.args.json)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,6 +514,8 @@ class Result:
     peak_bytes: int = 0
     tokens: int = 0  # real tokens processed in the timed steps
     loss: float = math.nan  # of the last timed step
+    warmup_s: float = math.nan  # the untimed steps (compiling, for ours+compile)
+    graphs: int = 0  # graphs torch.compile had made in this process after this configuration
 
     @property
     def key(self) -> tuple[int, int, bool]:
@@ -448,9 +590,11 @@ def measure(impl: str, step: Callable[[dict], torch.Tensor], batch: dict[str, to
     res = Result(impl, B, T, grad_ckpt)
     mem.reset()
     try:
+        t0 = time.perf_counter()
         for _ in range(warmup):
             step(batch)
         sync(device)
+        res.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = step(batch)
@@ -464,6 +608,7 @@ def measure(impl: str, step: Callable[[dict], torch.Tensor], batch: dict[str, to
         return res
     finally:
         res.peak_bytes = mem.peak()
+        res.graphs = compiled_graphs()
     res.tokens = int(batch["attention_mask"].sum()) * steps
     res.tokens_per_s = res.tokens / seconds
     res.ms_per_step = seconds / steps * 1e3
@@ -512,6 +657,9 @@ def parse_common(ap: argparse.ArgumentParser, argv: list[str] | None, presets: d
                     help="write the random HF checkpoint here once and reuse it in later runs (both scripts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write environment + results here")
+    ap.add_argument("--preflight", action="store_true",
+                    help="only check that every package this run needs imports and that the 4-bit kernels "
+                         "run on the device, then exit (0 = ready)")
     first, _ = ap.parse_known_args(argv)
     if first.preset:
         ap.set_defaults(**presets[first.preset])
@@ -541,7 +689,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", default=None,
                     help="ours with train.compile (each decoder layer compiled): off | on | off,on "
                          "(default off,on on CUDA, off on CPU)")
+    ap.add_argument("--only-checkpoint", action="store_true",
+                    help="after the preflight, only write the random checkpoint to --checkpoint-dir; exit")
     args = parse_common(ap, argv, PRESETS, "also run transformers + peft + bitsandbytes on the same weights")
+    if args.only_checkpoint and args.checkpoint_dir is None:
+        ap.error("--only-checkpoint needs --checkpoint-dir")
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if not set(args.grad_ckpt.replace(" ", "").split(",")) <= {"on", "off"}:
@@ -559,13 +711,26 @@ def print_row(r: Result) -> None:
         print(f"{r.impl:<12} {shape:>7} ckpt={'on ' if r.grad_ckpt else 'off'}  {r.status}"
               f"  (peak {fmt_bytes(r.peak_bytes)})", flush=True)
         return
+    compiled = f", {r.graphs} graphs compiled so far" if r.impl.endswith("compile") else ""
     print(f"{r.impl:<12} {shape:>7} ckpt={'on ' if r.grad_ckpt else 'off'} {r.tokens_per_s:>10.0f} tok/s "
-          f"{r.ms_per_step:>9.1f} ms/step  peak {fmt_bytes(r.peak_bytes):>10}  loss {r.loss:.4f}", flush=True)
+          f"{r.ms_per_step:>9.1f} ms/step  peak {fmt_bytes(r.peak_bytes):>10}  loss {r.loss:.4f}  "
+          f"(warmup {r.warmup_s:.1f} s{compiled})", flush=True)
+
+
+def compile_variants(args: argparse.Namespace, device: torch.device) -> list[bool]:
+    """Ours eager and/or with train.compile, as --compile says (default off,on on CUDA, off on CPU)."""
+    spec = args.compile or ("off,on" if device.type == "cuda" else "off")
+    return [m.strip() == "on" for m in spec.split(",")]
 
 
 def run_impl(impl: str, model: nn.Module, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-             vocab: int, mem: PeakMemory) -> tuple[list[Result], float]:
-    """LoRA on the model, then every (compile, checkpointing, shape) configuration; rows + parity loss."""
+             vocab: int, mem: PeakMemory, results: list[Result], parity: dict[str, float],
+             report: Callable[[], Any]) -> None:
+    """LoRA on the model, its parity loss, then every (compile, checkpointing, shape) configuration.
+
+    Each row is appended to `results` and `parity[impl]` is set as soon as it is known; `report()`
+    runs after each, so its lines and the JSON never wait for the remaining configurations.
+    """
     amp = autocast_for(device, dtype)
     shapes, modes = parse_shapes(args.shapes), [m.strip() == "on" for m in args.grad_ckpt.split(",")]
     torch.manual_seed(args.seed)
@@ -586,23 +751,21 @@ def run_impl(impl: str, model: nn.Module, args: argparse.Namespace, device: torc
             model = get_peft_model(model, lc)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"hf: peft LoRA, trainable params {trainable:,}")
-    parity = parity_loss(impl, model, make_batch(2, min(64, shapes[0][1]), vocab, 0.0, args.seed + 1), device,
-                         amp)
+    parity[impl] = parity_loss(impl, model, make_batch(2, min(64, shapes[0][1]), vocab, 0.0, args.seed + 1),
+                               device, amp)
+    report()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_for(params, device, args.lr)
     step = (ours_step_fn(model, device, amp, args.ce_chunk_size, opt, params) if impl == "ours"
             else hf_step_fn(model, device, amp, opt, params))
-    variants = [False]
-    if impl == "ours":
-        variants = [m.strip() == "on" for m in (args.compile or ("off,on" if device.type == "cuda"
-                                                                  else "off")).split(",")]
-    rows = []
+    variants = compile_variants(args, device) if impl == "ours" else [False]
     for compiled in variants:
         name = impl
         if compiled:
             from finetune.compiling import compile_decoder_layers
 
+            print(f"ours+compile: compiling each decoder layer (graphs so far: {compiled_graphs()})")
             if not compile_decoder_layers(model, device, what="--compile on"):
                 continue
             name = "ours+compile"
@@ -615,46 +778,93 @@ def run_impl(impl: str, model: nn.Module, args: argparse.Namespace, device: torc
                 batch = make_batch(B, T, vocab, args.pad_frac, args.seed + B * 100003 + T)
                 row = measure(name, step, batch, on, args.warmup, args.steps, device, mem)
                 print_row(row)
-                rows.append(row)
+                results.append(row)
+                report()
                 free(device)
         if compiled:
             for layer in model.model.layers:
                 layer._compiled_call_impl = None  # back to eager for whatever runs next
     del opt, step, params
-    return rows, parity
+
+
+def imports_needed(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str]]:
+    """Every module this run will import later (checked at start by `check_imports`)."""
+    needs = [("bitsandbytes", "the 4-bit base"), ("safetensors.torch", "the random checkpoint"),
+             ("finetune.run.loss", "the training step"), ("finetune.run.optim", "the optimizer"),
+             ("finetune.config", "the optimizer settings")]
+    if any(compile_variants(args, device)):
+        needs.append(("finetune.compiling", "--compile on"))
+        if device.type == "cuda":
+            needs.append(("triton", "--compile on (inductor on CUDA)"))
+    if args.compare_hf:
+        needs += [("transformers", "--compare-hf"), ("peft", "--compare-hf"),
+                  ("accelerate", "--compare-hf (transformers' bitsandbytes loading)")]
+    return needs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    line_buffered_stdout()
     args = parse_args(argv)
     device = pick_device(args.device)
     dtype = compute_dtype(device, args.dtype)
     info = env_info(device)
     print_env(info)
+    check_imports(imports_needed(args, device))
+    check_4bit_kernels(device, dtype)
+    if args.preflight:
+        print("preflight: every package this run needs imports; NF4 kernels run on", device)
+        return {}
+    if args.only_checkpoint:
+        checkpoint_once(model_config(args.shape, args.layers, dtype), args.checkpoint_dir, device, dtype,
+                        args.seed)
+        return {}
+    stop_on_sigterm()
     mem = PeakMemory(device)
     tmp: Path | None = None
     path = args.checkpoint
-    if path is None:
-        cfg = model_config(args.shape, args.layers, dtype)
-        if args.checkpoint_dir is not None:
-            path = checkpoint_once(cfg, args.checkpoint_dir, device, dtype, args.seed)
-        elif args.compare_hf:
-            tmp = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.tmp_dir))
-            t0 = time.perf_counter()
-            path = write_hf_checkpoint(cfg, tmp / "model", device, dtype, args.seed)
-            print(f"wrote random {args.shape} weights ({cfg['num_hidden_layers']} layers) to {path} "
-                  f"in {time.perf_counter() - t0:.1f} s")
-    else:
-        cfg = json.loads((path / "config.json").read_text())
-        if args.layers is not None:
-            print("note: --layers is ignored with --checkpoint")
-    print(f"model: hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, heads "
-          f"{cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, intermediate "
-          f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}; NF4+DQ base, LoRA r={args.r} on "
-          f"{','.join(LORA_TARGETS)}, compute {str(dtype).removeprefix('torch.')}, {args.warmup} warmup + "
-          f"{args.steps} timed steps; peak = {mem.kind}")
     results: list[Result] = []
     parity: dict[str, float] = {}
+    reporter: Reporter | None = None
+    stopped: str | None = None
+    done = False
+    summary: dict[str, Any] = {}
     try:
+        if path is None:
+            cfg = model_config(args.shape, args.layers, dtype)
+            if args.checkpoint_dir is not None:
+                path = checkpoint_once(cfg, args.checkpoint_dir, device, dtype, args.seed)
+            elif args.compare_hf:
+                tmp = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.tmp_dir))
+                t0 = time.perf_counter()
+                path = write_hf_checkpoint(cfg, tmp / "model", device, dtype, args.seed)
+                print(f"wrote random {args.shape} weights ({cfg['num_hidden_layers']} layers) to {path} "
+                      f"in {time.perf_counter() - t0:.1f} s")
+        else:
+            cfg = json.loads((path / "config.json").read_text())
+            if args.layers is not None:
+                print("note: --layers is ignored with --checkpoint")
+        print(f"model: hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, heads "
+              f"{cfg['num_attention_heads']}/{cfg.get('num_key_value_heads')}, intermediate "
+              f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}; NF4+DQ base, LoRA r={args.r} on "
+              f"{','.join(LORA_TARGETS)}, compute {str(dtype).removeprefix('torch.')}, {args.warmup} "
+              f"warmup + {args.steps} timed steps; peak = {mem.kind}")
+        reporter = Reporter(args, info, cfg, lambda rows, par: summarise(rows, par, device, args.shape))
+
+        def report() -> None:
+            reporter.update(results, parity)
+
+        # HF first: then each row of ours completes its pair at once and prints its ratio and target
+        # lines, eager before compiled, so a run cut short (a timeout mid-compile) still has them.
+        if args.compare_hf:
+            mem.reset()
+            t0 = time.perf_counter()
+            model = load_hf(path, device, dtype)
+            sync(device)
+            print(f"hf: model ready in {time.perf_counter() - t0:.1f} s, {fmt_bytes(mem.now())} now")
+            run_impl("hf", model, args, device, dtype, cfg["vocab_size"], mem, results, parity, report)
+            del model
+            free(device)
+            report_leftover(device, "hf model")
         mem.reset()
         t0 = time.perf_counter()
         if path is None:
@@ -664,37 +874,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sync(device)
         print(f"ours: model ready in {time.perf_counter() - t0:.1f} s, {fmt_bytes(mem.now())} now "
               f"(peak while loading {fmt_bytes(mem.peak())})")
-        rows, parity["ours"] = run_impl("ours", model, args, device, dtype, cfg["vocab_size"], mem)
-        results += rows
+        run_impl("ours", model, args, device, dtype, cfg["vocab_size"], mem, results, parity, report)
         del model
         free(device)
-        if args.compare_hf:
-            mem.reset()
-            t0 = time.perf_counter()
-            model = load_hf(path, device, dtype)
-            sync(device)
-            print(f"hf: model ready in {time.perf_counter() - t0:.1f} s, {fmt_bytes(mem.now())} now")
-            rows, parity["hf"] = run_impl("hf", model, args, device, dtype, cfg["vocab_size"], mem)
-            results += rows
-            del model
-            free(device)
+        done = True
+    except Stopped:
+        stopped = "SIGTERM (a timeout?)"
+        raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    summary = {"parity_loss": parity, **summarise(results, parity, device, args.shape)}
-    write_json(args, info, cfg, results, summary)
+        if reporter is not None:
+            if not done and stopped is None:
+                stopped = "an error (its traceback follows)"
+            summary = reporter.finish(results, parity, stopped=stopped)
     return {"results": results, **summary}
-
-
-def write_json(args: argparse.Namespace, info: dict, cfg: dict, results: list, summary: dict) -> None:
-    """`--json FILE`: environment, arguments, model shape, every result row and the summary."""
-    if args.json is None:
-        return
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"env": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                     "model": cfg, "results": [asdict(r) for r in results], **summary},
-                                    indent=2))
 
 
 def verdict(ok: bool, gpu_7b: bool) -> str:
@@ -703,11 +897,13 @@ def verdict(ok: bool, gpu_7b: bool) -> str:
 
 
 def summarise(results: list[Result], parity: dict[str, float], device: torch.device,
-              shape: str = "7b") -> dict[str, Any]:
+              shape: str = "7b") -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Ratios ours/HF per configuration and a PASS/FAIL line per target (the targets mean a 7B on a GPU).
 
     Targets (with gradient checkpointing): tokens/s >= 5x HF at 1x128, >= 2.5x at 4x512 and 1x2048;
-    peak memory at 1x2048 <= HF's and <= 5 GiB. The best of ours (eager or compiled) is compared.
+    peak memory at 1x2048 <= HF's and <= 5 GiB. The best of ours (eager or compiled) so far is compared.
+    Works on any subset of the rows (a run still going, or cut short); returns the summary for --json
+    and its lines as (key, text), the key naming what the line is about.
     """
     hf = {r.key: r for r in results if r.impl == "hf" and r.status == "ok"}
     ours: dict[tuple[int, int, bool], Result] = {}
@@ -715,27 +911,30 @@ def summarise(results: list[Result], parity: dict[str, float], device: torch.dev
         if r.impl.startswith("ours") and r.status == "ok":
             if r.key not in ours or r.tokens_per_s > ours[r.key].tokens_per_s:
                 ours[r.key] = r
+    lines: list[tuple[str, str]] = []
     ratios = {}
-    if "hf" in parity:
-        print(f"parity (base-model loss at LoRA init, same batch): ours {parity['ours']:.5f}  hf "
-              f"{parity['hf']:.5f}  diff {abs(parity['ours'] - parity['hf']):.2e}")
+    if "hf" in parity and "ours" in parity:
+        diff = abs(parity["ours"] - parity["hf"])
+        lines.append(("parity", "parity (base-model loss at LoRA init, same batch): "
+                                f"ours {parity['ours']:.5f}  hf {parity['hf']:.5f}  diff {diff:.2e}"))
     for r in results:
         h = hf.get(r.key)
         if r.impl != "hf" and h is not None and r.status == "ok":
             name = f"{r.impl} {r.batch}x{r.seq_len} ckpt={'on' if r.grad_ckpt else 'off'}"
             ratios[name] = r.tokens_per_s / h.tokens_per_s
-            print(f"speed ratio {name:<32} {ratios[name]:6.2f}x hf")
+            lines.append((f"ratio {name}", f"speed ratio {name:<32} {ratios[name]:6.2f}x hf"))
     gpu_7b = device.type == "cuda" and shape == "7b"
     checks: dict[str, Any] = {}
     for (B, T), want in (((1, 128), 5.0), ((4, 512), 2.5), ((1, 2048), 2.5)):
         key = (B, T, True)
+        head = f"target {B}x{T} ckpt=on tokens/s >= {want}x hf"
         if key in ours and key in hf:
             ratio = ours[key].tokens_per_s / hf[key].tokens_per_s
-            checks[f"speed_{B}x{T}"] = {"ratio": ratio, "want": want, "pass": ratio >= want}
-            print(f"target {B}x{T} ckpt=on tokens/s >= {want}x hf: {ratio:.2f}x ({ours[key].impl}) "
-                  f"{verdict(ratio >= want, gpu_7b)}")
-        elif key in ours:
-            print(f"target {B}x{T} ckpt=on tokens/s >= {want}x hf: not measured (run with --compare-hf)")
+            checks[f"speed_{B}x{T}"] = {"ratio": ratio, "want": want, "pass": ratio >= want,
+                                        "impl": ours[key].impl}
+            lines.append((head, f"{head}: {ratio:.2f}x ({ours[key].impl}) {verdict(ratio >= want, gpu_7b)}"))
+        elif key in ours and "hf" not in parity:
+            lines.append((head, f"{head}: not measured (run with --compare-hf)"))
     big = ours.get((1, 2048, True))
     if big is not None:
         gib = big.peak_bytes / GiB
@@ -743,9 +942,9 @@ def summarise(results: list[Result], parity: dict[str, float], device: torch.dev
         ok = gib <= 5.0 and (h is None or big.peak_bytes <= h.peak_bytes)
         than_hf = f", hf {h.peak_bytes / GiB:.2f} GiB" if h is not None else " (hf not measured)"
         checks["peak_1x2048"] = {"gib": gib, "hf_gib": h.peak_bytes / GiB if h else None, "pass": ok}
-        print(f"target peak at 1x2048 ckpt=on <= hf and <= 5 GiB: {gib:.2f} GiB{than_hf} "
-              f"{verdict(ok, gpu_7b)}")
-    return {"ratios": ratios, "targets": checks}
+        head = "target peak at 1x2048 ckpt=on <= hf and <= 5 GiB"
+        lines.append((head, f"{head}: {gib:.2f} GiB{than_hf} {verdict(ok, gpu_7b)}"))
+    return {"parity_loss": dict(parity), "ratios": ratios, "targets": checks}, lines
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def run_script(name: str, *args: str, tmp_path: Path) -> tuple[dict, str]:
 
 
 def test_bench_train_cpu_tiny(tmp_path: Path) -> None:
-    data, stdout = run_script("bench_train.py", "--compare-hf", "--pad-frac", "0.5", tmp_path=tmp_path)
+    data, stdout = run_script("bench_train.py", "--compare-hf", "--pad-frac", "0.5", "--shapes", "1x64,2x128",
+                              tmp_path=tmp_path)
+    assert data["complete"] is True and "stopped" not in data
     steps = int(data["args"]["steps"])
     rows = {(r["impl"], r["batch"], r["seq_len"], r["grad_ckpt"]): r for r in data["results"]}
     configs = [(b, t, ck) for b, t in ((1, 64), (2, 128)) for ck in (True, False)]
@@ -58,6 +60,7 @@ def test_bench_train_cpu_tiny(tmp_path: Path) -> None:
 
 def test_bench_generate_cpu_tiny(tmp_path: Path) -> None:
     data, stdout = run_script("bench_generate.py", "--compare-hf", "--batch-sizes", "1,4", tmp_path=tmp_path)
+    assert data["complete"] is True
     new = int(data["args"]["new_tokens"])
     by = {(r["impl"], r["prompts"]): r for r in data["results"]}
     # compile is off in the CPU preset; the dense merged copy runs after the 4-bit model
