@@ -109,16 +109,19 @@ def _ollama_name(out: Path) -> str:
 
 
 def _write_hf(model: Any, base_dir: Path, out: Path, force: bool) -> None:
+    from safetensors import SafetensorError  # safetensors reports its I/O errors as this, not OSError
+
     import lora
 
     tmp = files.make_temp_dir(out.parent, out.name)
     try:
         lora.merge_and_export(model, tmp, base_dir)
         _replace(tmp, out, force)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         files.remove_path(tmp)
-        raise UserError(f"could not write the HF export {out}: {files.describe_os_error(e)}; nothing was "
-                        "left behind; free space or choose another --output") from None
+        why = files.describe_os_error(e) if isinstance(e, OSError) else str(e).rpartition("I/O error: ")[2]
+        raise UserError(f"could not write the HF export {out}: {why}; nothing was left behind; free space "
+                        "or choose another --output") from None
     except BaseException:
         files.remove_path(tmp)
         raise
