@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.config import load_config
 
         cfg = load_config(args.config, overrides=list(args.overrides))
-        sampling = tryout.Sampling(max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens,
+        n = cfg.eval.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+        sampling = tryout.Sampling(max_new_tokens=n,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    seed=args.seed)
         sampling.check()
