@@ -6,11 +6,14 @@ in --file (one line naming the line), an adapter for another base, bad sampling 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import hf_fixtures
 import pytest
-import torch
-from export_testlib import error_line, make_model, run_cli, save_adapter, write_config
+from export_testlib import REPO, SMOLLM2, cli_env, error_line, make_model, run_cli, save_adapter, write_config
 
 LLAMA3_CHAT = {"template": "chat", "system": "Elenca le entità", "instruction": ""}
 
@@ -102,20 +105,16 @@ def test_chat_session_keeps_history_and_drops_oldest_turns_first(setup):
     assert not [line for line in r.stderr.splitlines() if line.startswith("warning: the prompt")]
 
 
-def test_chat_history_is_what_the_template_renders():
+def test_chat_history_is_what_the_template_renders(tmp_path):
     """In process: the second turn's prompt is the template's rendering of the whole conversation."""
     from transformers import AutoTokenizer
 
     import llama
     from finetune import tryout
-    from finetune.config import config_from_dict
+    from finetune.config import load_config
 
-    root = hf_fixtures.Path(__import__("tempfile").mkdtemp())
-    model_dir = make_model(root, "llama3-bpe")
-    cfg_path = write_config(root / "chat.yaml", model_dir, root / "run", **LLAMA3_CHAT)
-    import yaml
-
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    model_dir = make_model(tmp_path, "llama3-bpe")
+    cfg = load_config(write_config(tmp_path / "chat.yaml", model_dir, tmp_path / "run", **LLAMA3_CHAT))
     model, tok = llama.from_pretrained(str(model_dir)), llama.Tokenizer.from_pretrained(model_dir)
     session = tryout.Session(cfg, model, tok, tryout.Sampling(max_new_tokens=4), warn=lambda s: None)
     session.history.append(("primo", "risposta"))
@@ -125,12 +124,13 @@ def test_chat_history_is_what_the_template_renders():
             {"role": "assistant", "content": "risposta"}, {"role": "user", "content": "secondo"}]
     assert ids == hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert not cut
-    torch.manual_seed(0)
 
 
-@pytest.mark.parametrize("args,needle", [(["--top-p", "2"], "--top-p"), (["--max-new-tokens", "0"],
-                                                                         "--max-new-tokens"),
-                                         (["--temperature", "-1"], "--temperature")])
+BAD_SAMPLING = [(["--top-p", "2"], "--top-p"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+                (["--temperature", "-1"], "--temperature"), (["--top-k", "0"], "--top-k")]
+
+
+@pytest.mark.parametrize("args,needle", BAD_SAMPLING)
 def test_bad_sampling_values_are_one_line(setup, args, needle):
     r = run_cli("generate.py", setup["cfg"], "--adapter", setup["adapter"], "--prompt", "x", *args)
     assert r.returncode == 2
@@ -144,3 +144,26 @@ def test_adapter_for_another_base_is_the_shape_error(setup, tmp_path):
     assert r.returncode == 2
     line = error_line(r.stderr)
     assert "cannot use adapter" in line and "shape" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(),
+                    reason="models/SmolLM2-135M-Instruct is absent")
+def test_ctrl_c_stops_one_answer_not_the_session(tmp_path):
+    """SIGINT while SmolLM2 streams a long answer: the answer stops, the session reads the next line."""
+    cfg = write_config(tmp_path / "chat.yaml", SMOLLM2, tmp_path / "run", template="chat", system=None,
+                       instruction="")
+    p = subprocess.Popen([sys.executable, str(REPO / "generate.py"), str(cfg), "--adapter", "none",
+                          "--max-new-tokens", "400", "--temperature", "1.0", "--seed", "1"], cwd=REPO,
+                         env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdin.write("Scrivi una lunga storia su Milano.\n")
+    p.stdin.flush()
+    first = p.stdout.read(1)  # the first streamed character: generation is under way
+    assert first
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    out, err = p.communicate("/quit\n", timeout=120)
+    assert p.returncode == 0, err
+    assert "(answer stopped)" in err and "Traceback" not in err
