@@ -73,3 +73,46 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path):
             got.append(t)
         print(f"\n{text[:40]!r}: ours {tok.decode(want)!r} | llama.cpp {tok.decode(got)!r}")
         assert got == want, (tok.decode(got), tok.decode(want))
+
+
+@pytest.mark.parametrize("family", ["llama-spm", "llama3-bpe", "mistral", "qwen2", "llama3-rope"])
+def test_llama_cpp_logits_equal_ours_per_family(tmp_path, family):
+    """llama.cpp's own forward on our f32 GGUF of each family (Llama-3.1 rope scaling: the rope_freqs
+    tensor, which transformers' GGUF reader does not use, so only llama.cpp can check it)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    from export_testlib import make_model, write_config
+
+    import llama
+    from finetune.config import load_config
+    from finetune.evaluate.dense import densify
+    from finetune.evaluate.evaluator import load_for_eval
+    from finetune.export.runner import run_export
+
+    if family == "llama3-rope":
+        import hf_fixtures
+
+        # the scaling changes these logits by 4e-3, 30x the f32 difference measured below
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16}
+        model_dir = hf_fixtures.make_hf_checkpoint(tmp_path / family, tokenizer=True, rope_scaling=scaling,
+                                                   rope_theta=500000.0)
+    else:
+        model_dir = make_model(tmp_path, family)
+    adapter = save_adapter(model_dir, tmp_path / "adapter")
+    cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, tmp_path / "run"))
+    path = run_export(cfg, "gguf", str(tmp_path / "out" / "m.gguf"), adapter=str(adapter), gguf_type="f32",
+                      progress=False, log=lambda s: None)
+    ours = densify(load_for_eval(cfg, str(model_dir), adapter))
+    tok = llama.Tokenizer.from_pretrained(model_dir)
+    ids = tok.encode("Gentile Mario Rossi, la consegna per Acme S.p.A. a Milano è confermata per il 12/03.")
+    with torch.no_grad():
+        ref = ours(torch.tensor([ids]))[0].float().numpy()
+    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    cpp.eval(ids)
+    got = np.array(cpp.scores[:len(ids)])
+    diff = float(np.abs(got - ref).max())
+    print(f"\nllama.cpp {family} f32: max abs logit difference {diff:.3g} (max |logit| "
+          f"{np.abs(ref).max():.3g})")
+    assert diff <= 5e-4 * max(1.0, float(np.abs(ref).max()))
