@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=list(args.overrides))
         run_export(cfg, args.format, args.output, adapter=args.adapter, gguf_type=args.gguf_type,
                    force=args.force, progress=not args.no_progress)
+    except KeyboardInterrupt:  # the temporary file is already removed; an old output is untouched
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     except Exception as e:
         if not is_user_error(e):
             raise
