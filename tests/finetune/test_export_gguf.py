@@ -9,7 +9,6 @@ largest reference logit: f32 1e-4 absolute, f16/bf16 1e-2, q8_0 5e-2, q4_0 0.25 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ PROMPTS = ["Gentile Mario Rossi, la consegna per Acme S.p.A. a Milano è conferm
            "Scrivete a mario.rossi@example.it oppure chiamate il +39 02 12345."]
 LIMITS = {"f32": ("abs", 1e-4), "f16": ("rel", 1e-2), "bf16": ("rel", 1e-2), "q8_0": ("rel", 5e-2),
           "q4_0": ("rel", 0.25)}
-MEASURED: dict[str, dict[str, float]] = {}
 # tokenizer corpus: accents, emoji, code, leading and repeated spaces, newlines, digits, CJK (no control-token
 # strings: ours keep "<|im_start|>" in data as text by design, transformers parses it)
 CORPUS = ["Città di Castello, perché no? Forlì è più vicina.", "Ciao 😀👍🏽 a tutti!",
@@ -74,7 +72,6 @@ def test_transformers_reads_our_gguf_with_our_logits(setups, tmp_path, family, k
             ref, got = ours(ids).float(), hf(ids).logits.float()
         diff = (ref - got).abs().max().item()
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / ref.abs().max().item())
-    MEASURED.setdefault(family, {})[kind] = worst_abs if kind == "f32" else worst_rel
     print(f"\nGGUF {family} {kind}: max abs {worst_abs:.3g}, relative {worst_rel:.3g}")
     measure, limit = LIMITS[kind]
     assert (worst_abs if measure == "abs" else worst_rel) <= limit
@@ -202,10 +199,3 @@ def test_smollm2_tokenizer_from_gguf_gives_our_ids(tmp_path):
 
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
-
-def test_record_measurements(request):
-    """Writes what the logit tests measured (for the closing note); runs last in this module."""
-    if MEASURED:
-        out = Path(request.config.rootpath) / ".pytest_cache" / "gguf_logit_diffs.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(MEASURED, indent=2))
