@@ -43,22 +43,19 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
 import lora
 from finetune import files
+from finetune.config import LoraConfig
 from finetune.errors import UserError
 from finetune.files import fsync_path
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from finetune.config import LoraConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
