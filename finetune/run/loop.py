@@ -9,7 +9,8 @@ One optimizer step (``step`` counts completed steps)::
 ``_train`` reads as that story: ``_setup`` (data, plan, model, optimizer, precision, DDP), ``_restore``
 (a checkpoint's weights, optimizer, schedule, RNG), ``_open_run_dir``, then the loop over
 ``_optimizer_step`` with a ``LogWindow`` for the averages, a ``MetricsSink`` for metrics.jsonl and
-TensorBoard, ``_save`` for checkpoints and ``_finish`` for ``final/`` and the loss plot.
+TensorBoard (both in ``finetune.run.metrics_log``), ``_save`` for checkpoints and ``_finish`` for
+``final/`` and the loss plot. Ranks, seeds and stop signals are ``finetune.run.processes``'.
 
 Determinism (resume equivalence): the data order is a function of (train.seed, epoch) and the step
 only, and the RNG states (dropout) are saved per rank in every checkpoint and restored, so a resumed
