@@ -555,10 +555,12 @@ def optimizer_for(params: list[nn.Parameter], device: torch.device, lr: float) -
 
 def ours_step_fn(model: nn.Module, device: torch.device, amp: Callable, ce_chunk: int,
                  opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> Callable[[dict], torch.Tensor]:
-    from finetune.run.loss import window_backward
+    from finetune.run.loss import LossSetup, window_backward
+
+    setup = LossSetup(ce_chunk_size=ce_chunk, device=device, autocast=amp)
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ws = window_backward(model, model.lm_head, [batch], ce_chunk, device, amp)
+        ws = window_backward(model, model.lm_head, [batch], setup=setup)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -627,7 +629,7 @@ def parity_loss(impl: str, model: nn.Module, batch: dict[str, torch.Tensor], dev
             return float(model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
                                labels=batch["labels"].to(device)).loss)
         hidden = model(ids, attention_mask=device_mask(batch["attention_mask"], device), hidden_only=True)
-        total, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"].to(device), 1024)
+        total, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"].to(device), chunk_size=1024)
         return float(total) / max(n, 1)
 
 

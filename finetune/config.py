@@ -35,6 +35,10 @@ import yaml
 
 from finetune.data.templates import check_template
 from finetune.errors import UserError
+from finetune.files import write_text_atomic  # exclusive temp file: never follows a planted symlink
+from lora import LoRAError
+from lora.inject import compile_target_regex
+from lora.layer import check_hyperparameters
 from quant import BLOCKSIZES, QUANT_TYPES  # the rules of quant.QuantConfig (no bitsandbytes import)
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None,
     return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
 
 
-def config_from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = None,
+def config_from_dict(raw: Any, source: str = "<config>", *, overrides: list[str] | None = None,
                      check_paths: bool = True) -> RunConfig:
     """Build a validated ``RunConfig`` from a nested dict (as YAML gives it); see ``load_config``."""
     if not isinstance(raw, dict):
@@ -319,22 +323,18 @@ def _check_lora(cfg: RunConfig, source: str) -> None:
     """lora's hyperparameter rules, and the regexes matched against module paths (lora.targets,
     quant.skip), which must not be able to backtrack for hours: lora's rule (no repeat or alternation
     inside a repeat), checked at load."""
-    from lora import LoRAError
-    from lora.inject import compile_target_regex
-    from lora.layer import check_hyperparameters
-
-    lo = cfg.lora
+    lora_cfg = cfg.lora
     try:
-        check_hyperparameters(lo.r, lo.alpha, lo.dropout, prefix="lora.")
+        check_hyperparameters(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, prefix="lora.")
     except LoRAError as e:
         raise UserError(f"{source}: {e}") from None
-    if isinstance(lo.targets, str) and lo.targets != "all-linear":
+    if isinstance(lora_cfg.targets, str) and lora_cfg.targets != "all-linear":
         try:
-            re.compile(lo.targets)
+            re.compile(lora_cfg.targets)
         except re.error as e:
-            raise UserError(f"{source}: lora.targets is not a valid regex ({e}), got {_show(lo.targets)}"
-                            ) from None
-    patterns = [("lora.targets", lo.targets)] if isinstance(lo.targets, str) else []
+            raise UserError(f"{source}: lora.targets is not a valid regex ({e}), got "
+                            f"{_show(lora_cfg.targets)}") from None
+    patterns = [("lora.targets", lora_cfg.targets)] if isinstance(lora_cfg.targets, str) else []
     patterns += [("quant.skip", p) for p in cfg.quant.skip]
     for key, pattern in patterns:
         if pattern == "all-linear":
@@ -347,8 +347,6 @@ def _check_lora(cfg: RunConfig, source: str) -> None:
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (absolute paths, every default spelled out) as YAML; reloadable."""
-    from finetune.files import write_text_atomic  # exclusive temp file: never follows a planted symlink
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,6 @@ def make_temp_dir(parent: Path, stem: str) -> Path:
 
 def remove_path(path: Path) -> None:
     """Delete a file, a symlink (never what it points to) or a directory tree; missing is fine."""
-    import shutil
-
     try:
         if path.is_symlink() or not path.is_dir():
             path.unlink(missing_ok=True)
@@ -132,7 +131,7 @@ def read_text(path: str | os.PathLike, what: str = "file", fix: str = "") -> str
         raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}){hint}") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file", fix: str = "",
+def read_json(path: str | os.PathLike, what: str = "JSON file", *, fix: str = "",
               expect: type | None = dict) -> Any:
     """Parsed JSON (``NaN``/``Infinity`` refused: they are not JSON), or one ``UserError`` line."""
     path = Path(path)

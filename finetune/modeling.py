@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+import llama
+import lora
+import quant
 from finetune.config import RunConfig
 from finetune.errors import UserError
 
@@ -40,11 +43,9 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
 
 def quant_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
     """The run config's quant section as a ``quant.QuantConfig`` (imports bitsandbytes)."""
-    import quant
-
-    q = cfg.quant
-    return quant.QuantConfig(quant_type=q.quant_type, double_quant=q.double_quant, blocksize=q.blocksize,
-                             compute_dtype=dtype, skip=tuple(q.skip))
+    quant_cfg = cfg.quant
+    return quant.QuantConfig(quant_type=quant_cfg.quant_type, double_quant=quant_cfg.double_quant,
+                             blocksize=quant_cfg.blocksize, compute_dtype=dtype, skip=tuple(quant_cfg.skip))
 
 
 def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = print) -> nn.Module:
@@ -54,9 +55,6 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
     then attaches a saved adapter with ``lora.load_adapter``. ``log`` receives the memory report and the
     trainable-parameter count (None = silent; distributed ranks other than 0 pass None).
     """
-    import llama
-    import lora
-
     log = log or (lambda _msg: None)
     device = resolve_device(cfg.model.device)
     dtype = compute_dtype(cfg, device)
@@ -67,8 +65,6 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
         raise UserError("4-bit base weights cannot be trained: with lora.enabled false set quant.enabled "
                         "false (and model.prequantized null)")
     if cfg.model.prequantized is not None:
-        import quant
-
         with torch.device("meta"):
             skeleton = llama.Llama(llama.LlamaConfig.from_hf(cfg.model.path))
         model = quant.load_quantized(skeleton, cfg.model.prequantized, quant_config(cfg, dtype), device)
@@ -77,16 +73,14 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
     else:
         hook = None
         if cfg.quant.enabled:
-            import quant
-
             hook = quant.make_hook(quant_config(cfg, dtype))
         model = llama.from_pretrained(cfg.model.path, device=device, dtype=weight_dtype, linear_hook=hook)
 
     if for_training:
         if cfg.lora.enabled:
-            lo = cfg.lora
-            stats = lora.inject(model, targets=lo.targets, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
-                                use_rslora=lo.use_rslora)
+            lora_cfg = cfg.lora
+            stats = lora.inject(model, targets=lora_cfg.targets, r=lora_cfg.r, alpha=lora_cfg.alpha,
+                                dropout=lora_cfg.dropout, use_rslora=lora_cfg.use_rslora)
             log(f"lora: {stats}")
         else:
             for p in model.parameters():
@@ -99,8 +93,6 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
         model.eval()
 
     if quantized:
-        import quant
-
         log(f"memory: {quant.memory_report(model)}")
     else:
         log(f"memory: {_plain_memory_report(model)}")

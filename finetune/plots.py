@@ -11,6 +11,7 @@ package's exclusive-temp-file writer, so a symlink planted at the destination is
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 from collections.abc import Sequence
@@ -27,14 +28,12 @@ _LABELS = {"loss": "train loss", "eval_loss": "eval loss"}
 
 
 def matplotlib_missing() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("matplotlib") is None
 
 
 def _pyplot() -> Any:
     """matplotlib.pyplot on the non-interactive Agg backend (no display on training machines), or None."""
-    try:
+    try:  # lazy: matplotlib is optional (the [plot] extra) and slow to import; only plotting needs it
         import matplotlib
 
         matplotlib.use("Agg")

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+import llama
 from finetune.errors import UserError
 from finetune.files import read_json
 
@@ -26,7 +29,7 @@ def check_model_config(model_path: str) -> None:
     path = Path(model_path) / "config.json"
     if not path.is_file():
         return  # the loader's own message covers a missing file
-    raw = read_json(path, "model config", "restore config.json from the original checkpoint")
+    raw = read_json(path, "model config", fix="restore config.json from the original checkpoint")
     nested = [raw[k] for k in ("text_config",) if isinstance(raw.get(k), dict)]
     for section in [raw, *nested]:
         for key in _INT_KEYS:
@@ -42,8 +45,6 @@ def check_model_config(model_path: str) -> None:
 
 
 def _model_config(model_path: str) -> Any:
-    import llama
-
     check_model_config(model_path)
     return llama.LlamaConfig.from_hf(model_path)
 
@@ -117,8 +118,6 @@ def check_model_weights(model_path: str) -> None:
 
     Missing, truncated or unreadable files are left to the loader, whose messages name them.
     """
-    from safetensors import safe_open
-
     for path in sorted(Path(model_path).glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as f:

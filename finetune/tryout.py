@@ -19,9 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import llama
+from finetune import files, preflight
 from finetune.config import RunConfig
 from finetune.data import templates
+from finetune.data.examples import padding_id
 from finetune.errors import UserError
+from finetune.evaluate.dense import maybe_densify
+from finetune.evaluate.evaluator import autocast_for, check_adapter, load_for_eval, resolve_weights
+from finetune.evaluate.metrics import parse_entities
 
 Warn = Callable[[str], None]
 
@@ -51,10 +57,6 @@ def _stderr(msg: str) -> None:
 
 def load(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
     """(model, tokenizer): base as trained + adapter, then the dense merged copy when it fits (as eval)."""
-    import llama
-    from finetune import preflight
-    from finetune.evaluate.dense import maybe_densify
-    from finetune.evaluate.evaluator import check_adapter, load_for_eval, resolve_weights
 
     model_path, adapter_dir = resolve_weights(cfg, adapter)
     if adapter_dir is not None:
@@ -138,14 +140,11 @@ class Session:
         return sorted(ids - {None})
 
     def _amp(self) -> contextlib.AbstractContextManager:
-        from finetune.evaluate.evaluator import autocast_for
 
         return autocast_for(self.cfg, next(self.model.parameters()).device)
 
     def answer(self, text: str, out: TextIO | None = None) -> str:
         """Generate the answer to ``text``, streaming it to ``out``; chat turns join the history."""
-        import llama
-        from finetune.data.rows import padding_id
 
         ids, _ = self.prompt_ids(text)
         s = self.sampling
@@ -177,8 +176,6 @@ class Session:
 
     def answer_many(self, texts: Sequence[str]) -> list[tuple[str, bool]]:
         """Answers to independent prompts (no history), batched; (answer, prompt was cut) each."""
-        import llama
-        from finetune.data.rows import padding_id
 
         prompts = []
         for text in texts:
@@ -196,7 +193,6 @@ class Session:
 
 def entities_lines(answer: str) -> list[str]:
     """The entities read from an answer (the evaluator's parser), one ``span: TYPE`` line each."""
-    from finetune.evaluate.metrics import parse_entities
 
     parsed = parse_entities(answer)
     return [f"  {span}: {kind}" for span, kind in parsed.entities]
@@ -206,7 +202,6 @@ def entities_lines(answer: str) -> list[str]:
 # --file
 def read_prompts(path: str | Path, input_column: str) -> Iterator[tuple[int, str]]:
     """(line number, prompt) from a text file (one prompt per line) or a JSONL file of rows."""
-    from finetune import files
 
     path = Path(path)
     try:
@@ -245,7 +240,6 @@ def run_file(session: Session, path: str, out: TextIO) -> int:
     rows = list(read_prompts(path, session.cfg.data.input_column))
     if not rows:
         raise UserError(f"--file {path} holds no prompts")
-    from finetune.evaluate.metrics import parse_entities
 
     for (number, text), (answer, cut) in zip(rows, session.answer_many([t for _, t in rows])):
         record = {"line": number, "input": text, "output": answer,

@@ -76,7 +76,8 @@ def length_report(tokenizer_dir: Path, csv_path: Path, template: str = "alpaca")
     """Token lengths of `[BOS] prompt response [EOS]` for every row, as the training pipeline builds them."""
     sys.path.insert(0, str(ROOT))
     from finetune.config import DataConfig
-    from finetune.data.rows import encode_example, load_rows
+    from finetune.data.examples import encode_example
+    from finetune.data.rows import load_rows
     from finetune.data.templates import format_prompt
     from llama.tokenizer import Tokenizer
 

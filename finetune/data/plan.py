@@ -94,14 +94,17 @@ class DataPlan:
         return [mine[i * m:(i + 1) * m] for i in range(self.accumulation)]
 
 
-def make_plan(tc: TrainConfig, n_examples: int, world: int, lengths: Sequence[int] | None = None) -> DataPlan:
+def make_plan(train_cfg: TrainConfig, n_examples: int, *, world: int,
+              lengths: Sequence[int] | None = None) -> DataPlan:
     """The data plan; ``lengths`` (tokens per example) are used when ``train.group_by_length``."""
-    plan = DataPlan(n_examples, tc.micro_batch_size, tc.gradient_accumulation_steps, world, tc.seed, 0,
-                    None if lengths is None else list(lengths), tc.group_by_length)
+    plan = DataPlan(n_examples=n_examples, micro_batch_size=train_cfg.micro_batch_size,
+                    accumulation=train_cfg.gradient_accumulation_steps, world=world, seed=train_cfg.seed,
+                    total_steps=0, lengths=None if lengths is None else list(lengths),
+                    group_by_length=train_cfg.group_by_length)
     if plan.steps_per_epoch < 1:
         raise UserError(f"the train split has {n_examples} examples, fewer than one optimizer step needs "
-                        f"({world} rank(s) x train.micro_batch_size {tc.micro_batch_size} x "
-                        f"train.gradient_accumulation_steps {tc.gradient_accumulation_steps} = "
+                        f"({world} rank(s) x train.micro_batch_size {train_cfg.micro_batch_size} x "
+                        f"train.gradient_accumulation_steps {train_cfg.gradient_accumulation_steps} = "
                         f"{plan.global_batch}); lower them or add data")
-    plan.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * plan.steps_per_epoch))
+    plan.total_steps = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * plan.steps_per_epoch))
     return plan

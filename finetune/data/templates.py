@@ -3,7 +3,8 @@
 Two kinds:
 - **Text templates** (``alpaca``, ``llama2-chat``, or a custom string with ``{input}``): the prompt is
   ``encode(template up to {output}, bos=True)`` and the response ``encode(output) + [EOS]``. Why the two
-  are encoded apart, and why spaces before ``{output}`` are dropped, is in ``finetune.data.rows``'s docstring.
+  are encoded apart, and why spaces before ``{output}`` are dropped, is in ``finetune.data.examples``'s
+  docstring.
 - **``chat``**: the model's own chat template (``chat_template`` in tokenizer_config.json, or
   chat_template.jinja), rendered with jinja2 in a sandbox as ``transformers.apply_chat_template`` does.
   Messages: an optional system message (``data.system``; null = whatever the template does without
@@ -28,12 +29,9 @@ import functools
 import json
 import re
 import string
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from finetune.errors import UserError
-
-if TYPE_CHECKING:
-    from finetune.config import DataConfig
 
 # The seeds' instruction template (Alpaca layout); {instruction} defaults to the seeds' fixed sentence.
 ALPACA_TEMPLATE = (
@@ -51,6 +49,18 @@ TEMPLATE_NAMES = (*TEMPLATES, CHAT)
 # Row text is moved out of the way of the control-token splitter as characters of Unicode's
 # Supplementary Private Use Area-A, one per control token (no text in the wild uses them).
 _PLACEHOLDER_BASE = 0xF0000
+
+
+class TemplateSettings(Protocol):
+    """The data settings a template reads; ``finetune.config.DataConfig`` has them.
+
+    A protocol rather than the config class, so this module needs nothing from ``finetune.config``,
+    which imports ``check_template`` from here to validate ``data.template``: no import cycle.
+    """
+
+    template: str
+    instruction: str
+    system: str | None
 
 
 class TemplateTokenizer(Protocol):
@@ -113,7 +123,7 @@ def check_template(template: str, source: str = "<config>") -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # text templates
-def template_text(cfg: DataConfig) -> str:
+def template_text(cfg: TemplateSettings) -> str:
     """The full template string for a text template (a name or a custom string)."""
     check_template(cfg.template, "data config")
     if cfg.template == CHAT:
@@ -121,7 +131,7 @@ def template_text(cfg: DataConfig) -> str:
     return TEMPLATES.get(cfg.template, cfg.template)
 
 
-def format_prompt(cfg: DataConfig, input_text: str) -> str:
+def format_prompt(cfg: TemplateSettings, input_text: str) -> str:
     """The prompt text for one input: the template up to ``{output}``, trailing spaces removed.
 
     Trailing spaces go because the response's SentencePiece dummy prefix stands for them.
@@ -139,21 +149,21 @@ def format_prompt(cfg: DataConfig, input_text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # what the data pipeline and the evaluator call
-def prompt_ids(tok: TemplateTokenizer, cfg: DataConfig, input_text: str) -> list[int]:
+def prompt_ids(tok: TemplateTokenizer, cfg: TemplateSettings, input_text: str) -> list[int]:
     """The ids the model reads before its answer (BOS / the generation prompt included)."""
     if cfg.template == CHAT:
         return chat_template(tok, cfg.system, cfg.instruction).prompt_ids(input_text)
     return tok.encode(format_prompt(cfg, input_text), bos=True, eos=False)
 
 
-def response_ids(tok: TemplateTokenizer, cfg: DataConfig, output: str) -> list[int]:
+def response_ids(tok: TemplateTokenizer, cfg: TemplateSettings, output: str) -> list[int]:
     """The ids the model must produce: the answer and its end (EOS, or the chat's end-of-turn token)."""
     if cfg.template == CHAT:
         return chat_template(tok, cfg.system, cfg.instruction).response_ids(output)
     return (tok.encode(output, bos=False, eos=False) if output else []) + [tok.eos_id]
 
 
-def stop_ids(tok: TemplateTokenizer, cfg: DataConfig) -> list[int]:
+def stop_ids(tok: TemplateTokenizer, cfg: TemplateSettings) -> list[int]:
     """Ids that end an answer in generation: the tokenizer's EOS ids, plus the chat's end-of-turn."""
     ids = set(tok.stop_ids)
     if cfg.template == CHAT:
@@ -258,7 +268,7 @@ def chat_template(tok: TemplateTokenizer, system: str | None, instruction: str) 
 
 def _compile(source: str, where: str) -> Any:
     """The template in jinja2's immutable sandbox, with the settings transformers renders with."""
-    try:
+    try:  # lazy: only data.template 'chat' renders jinja2, and its absence is then a one-line UserError
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lora
+import quant
+
 GiB = 2**30
 MARGIN = 1.15  # headroom over the weights: KV cache, activations, allocator fragmentation
 
@@ -53,8 +56,6 @@ def available_memory(device: torch.device) -> int:
 
 def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of each linear to densify: LoRA wrappers (with their base) and bare 4-bit linears."""
-    import lora
-
     out, under = [], []
     for name, m in model.named_modules():
         if any(name.startswith(u + ".") for u in under):
@@ -71,8 +72,6 @@ def _is_4bit(m: nn.Module) -> bool:
 
 def plan_dense(model: nn.Module, dtype: torch.dtype | None = None) -> DensePlan:
     """How much memory a dense merged copy adds, and how much is free (nothing is changed)."""
-    import lora
-
     extra = 0
     targets = _targets(model)
     for _, m in targets:
@@ -92,9 +91,6 @@ def densify(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     ``dtype``: the dense weights' dtype (default: each 4-bit weight's compute dtype, or the base's).
     The model is meant for inference afterwards: the adapter is folded in and no longer separate.
     """
-    import lora
-    import quant
-
     for name, m in _targets(model):
         base = m.base if isinstance(m, lora.LoRALinear) else m
         with torch.no_grad():
@@ -118,7 +114,7 @@ def densify(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def maybe_densify(model: nn.Module, setting: bool | str, log: Callable[[str], None] = print,
+def maybe_densify(model: nn.Module, setting: bool | str, *, log: Callable[[str], None] = print,
                   dtype: torch.dtype | None = None) -> bool:
     """``eval.dense``: densify when asked (true) or when it fits (auto); one line says what happens.
 

@@ -26,16 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+import llama
+import lora
 from finetune import files, preflight
 from finetune import plots as P
+from finetune.compiling import compiler_problem
 from finetune.config import RunConfig
 from finetune.data import templates
-from finetune.data.rows import Example, Row, encode_example, load_rows, padding_id, split_rows
+from finetune.data.examples import Example, encode_example, padding_id
+from finetune.data.rows import Row, load_rows, split_rows
 from finetune.errors import UserError
 from finetune.evaluate import metrics as M
 from finetune.evaluate import report
-from finetune.run.loss import eval_loss
+from finetune.evaluate.dense import maybe_densify
+from finetune.modeling import load_model
+from finetune.run.loss import LossSetup, eval_loss
 
 NO_ADAPTER = "none"  # --adapter none: score model.path as it is (e.g. a merged export)
 
@@ -163,8 +170,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     batch_size: int, stop_at_eos: bool = True, progress: bool = True,
+def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int, batch_size: int, stop_at_eos: bool = True, progress: bool = True,
                      amp: Callable[[], contextlib.AbstractContextManager] | None = None,
                      compile: bool = False, stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], float]:
     """Greedy new token ids per prompt (EOS excluded) and the wall time of the generation.
@@ -174,10 +181,6 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
     One ``generate_ids`` call for the whole split: every batch then shares one KV-cache length, so a
     compiled decode step (``compile``) keeps its shapes from batch to batch.
     """
-    from tqdm import tqdm
-
-    import llama  # the model stack only when generating: metrics/report users need no torch model
-
     device = _device_of(model)
     # EOS ids of the tokenizer and the model, and the template's end of turn (``<|im_end|>``)
     eos = sorted({tok.eos_id, *model.config.eos_token_ids, *stop_ids} - {None}) if stop_at_eos else []
@@ -195,8 +198,6 @@ def generate_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[Sequenc
 def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
     """Read and check the adapter's files (types, whole tensors, finite values, shapes against the base's
     config.json) without loading any model."""
-    import lora
-
     try:
         adapter_cfg, weights = lora.read_adapter(adapter_dir)
     except lora.LoRAError as e:
@@ -210,9 +211,6 @@ def check_adapter(cfg: RunConfig, adapter_dir: Path) -> None:
 
 def load_for_eval(cfg: RunConfig, model_path: str, adapter_dir: Path | None) -> torch.nn.Module:
     """Base model (quantised as configured) + the adapter, strictly; a mismatch is a one-line UserError."""
-    import lora
-    from finetune.modeling import load_model
-
     if model_path != cfg.model.path:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     model = load_model(cfg, for_training=False, log=print)  # stdout: stderr is for errors
@@ -236,15 +234,13 @@ def score(golds: Sequence[str], predictions: Sequence[str], inputs: Sequence[str
             "rouge": M.rouge(predictions, golds), "bleu": M.bleu(predictions, golds)}
 
 
-def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
+def run_eval(cfg: RunConfig, *, adapter: str | None = None, baseline: bool = False,
              output_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate one model on ``cfg.eval.split``; write the files; return the metrics dict (metrics.json).
 
     ``adapter``: a PEFT adapter dir, ``"none"``, or None (``eval.adapter``, else the run's ``final``);
     ``baseline``: the base model without adapter (default output ``<run>/eval-baseline``).
     """
-    import llama
-
     model_path, adapter_dir = resolve_weights(cfg, adapter, baseline)
     out = resolve_output_dir(cfg, output_dir, baseline)
     # everything that can fail in seconds fails before the (slow) model load and the generation:
@@ -258,33 +254,36 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
     examples, skipped = encode_rows(tok, cfg, rows)
     preflight.check_token_ids(examples, model_path, cfg.data.path)
     model = load_for_eval(cfg, model_path, adapter_dir)
-    device, ev = _device_of(model), cfg.eval
+    device, eval_cfg = _device_of(model), cfg.eval
 
     loss, loss_tokens, loss_s = None, 0, 0.0
-    if ev.compute_loss:  # the training loop's own eval loss, on the weights as trained (before a dense merge)
-        loss, loss_tokens, loss_s = _timed_eval_loss(model, examples, padding_id(tok), cfg)
-    from finetune.evaluate.dense import maybe_densify
-
+    if eval_cfg.compute_loss:  # the training loop's own eval loss, on the weights as trained (before a merge)
+        setup = LossSetup(ce_chunk_size=cfg.train.ce_chunk_size, device=device,
+                          autocast=lambda: autocast_for(cfg, device))
+        loss, loss_tokens, loss_s = _timed_eval_loss(model, examples, pad_id=padding_id(tok),
+                                                     batch_size=eval_cfg.batch_size, setup=setup)
     t0 = time.perf_counter()
-    dense = maybe_densify(model, ev.dense)
+    dense = maybe_densify(model, eval_cfg.dense)
     dense_s = time.perf_counter() - t0
-    compiled = ev.compile and _compiler_works(device)
+    compiled = eval_cfg.compile and _compiler_works(device)
     prompts = [ex.input_ids[:ex.prompt_len] for ex in examples]
-    new_ids, gen_s = generate_answers(model, tok, prompts, ev.max_new_tokens, ev.batch_size, ev.stop_at_eos,
-                                      progress, lambda: autocast_for(cfg, device), compile=compiled,
-                                      stop_ids=templates.stop_ids(tok, cfg.data))
+    new_ids, gen_s = generate_answers(model, tok, prompts, max_new_tokens=eval_cfg.max_new_tokens,
+                                      batch_size=eval_cfg.batch_size, stop_at_eos=eval_cfg.stop_at_eos,
+                                      progress=progress, amp=lambda: autocast_for(cfg, device),
+                                      compile=compiled, stop_ids=templates.stop_ids(tok, cfg.data))
     predictions = [tok.decode(ids) for ids in new_ids]
     # tokens the decoder produced: the kept ones plus the EOS that ended a row early
-    n_generated = sum(len(ids) + (ev.stop_at_eos and len(ids) < ev.max_new_tokens) for ids in new_ids)
+    n_generated = sum(len(ids) + (eval_cfg.stop_at_eos and len(ids) < eval_cfg.max_new_tokens)
+                      for ids in new_ids)
     per_s = (lambda n: n / gen_s) if gen_s > 0 else (lambda n: 0.0)
 
     golds, inputs = zip(*(_gold_and_input(tok, ex) for ex in examples))
     result: dict[str, Any] = {
         "model": model_path, "adapter": str(adapter_dir) if adapter_dir else None, "baseline": baseline,
-        "split": ev.split, "limit": ev.limit, "n_examples": len(examples), "skipped": skipped,
+        "split": eval_cfg.split, "limit": eval_cfg.limit, "n_examples": len(examples), "skipped": skipped,
         "truncated": sum(ex.truncated for ex in examples), "device": str(device),
-        "generation": {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size,
-                       "stop_at_eos": ev.stop_at_eos, "decoding": "greedy", "dense": dense,
+        "generation": {"max_new_tokens": eval_cfg.max_new_tokens, "batch_size": eval_cfg.batch_size,
+                       "stop_at_eos": eval_cfg.stop_at_eos, "decoding": "greedy", "dense": dense,
                        "compiled": compiled},
         **score(golds, predictions, inputs),
         "loss": {"eval_loss": loss, "perplexity": None if loss is None else M.perplexity(loss),
@@ -294,31 +293,28 @@ def run_eval(cfg: RunConfig, adapter: str | None = None, baseline: bool = False,
                    "dense_s": dense_s, "examples_per_s": per_s(len(examples))},
     }
     try:
-        return _write_outputs(result, out, examples, predictions, golds, inputs, new_ids, adapter_dir)
+        return _write_outputs(result, out, examples=examples, predictions=predictions, golds=golds,
+                              inputs=inputs, new_ids=new_ids, adapter_dir=adapter_dir)
     except OSError as e:  # the scores exist: show them rather than lose minutes of generation
-        e_ = result["entities"]
+        entities = result["entities"]
         raise UserError(f"could not write the evaluation files to {out}: {files.describe_os_error(e)}; free "
                         f"space or pass another --output (scores of this run: micro F1 "
-                        f"{100 * e_['f1']:.2f}%, precision {100 * e_['precision']:.2f}%, recall "
-                        f"{100 * e_['recall']:.2f}%)") from None
+                        f"{100 * entities['f1']:.2f}%, precision {100 * entities['precision']:.2f}%, "
+                        f"recall {100 * entities['recall']:.2f}%)") from None
 
 
-def _timed_eval_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, cfg: RunConfig
-                     ) -> tuple[float, int, float]:
+def _timed_eval_loss(model: torch.nn.Module, examples: Sequence[Example], *, pad_id: int, batch_size: int,
+                     setup: LossSetup) -> tuple[float, int, float]:
     """(token-weighted CE over the response tokens + EOS, their count, seconds)."""
-    device = _device_of(model)
-    _sync(device)
+    _sync(setup.device)
     t0 = time.perf_counter()
-    loss, n = eval_loss(model, examples, pad_id, cfg.eval.batch_size, cfg.train.ce_chunk_size, device,
-                        amp=lambda: autocast_for(cfg, device))
-    _sync(device)
+    loss, n = eval_loss(model, examples, pad_id=pad_id, batch_size=batch_size, setup=setup)
+    _sync(setup.device)
     return loss, n, time.perf_counter() - t0
 
 
 def _compiler_works(device: torch.device) -> bool:
     """eval.compile asks for a compiled decode step; without a working compiler say so and decode eager."""
-    from finetune.compiling import compiler_problem
-
     problem = compiler_problem(device)
     if problem is not None:
         print(f"eval.compile: true, but torch.compile does not work on this machine ({problem}); "
@@ -326,9 +322,9 @@ def _compiler_works(device: torch.device) -> bool:
     return problem is None
 
 
-def _write_outputs(result: dict[str, Any], out: Path, examples: Sequence[Example], predictions: Sequence[str],
-                   golds: Sequence[str], inputs: Sequence[str], new_ids: Sequence[Sequence[int]],
-                   adapter_dir: Path | None) -> dict[str, Any]:
+def _write_outputs(result: dict[str, Any], out: Path, *, examples: Sequence[Example],
+                   predictions: Sequence[str], golds: Sequence[str], inputs: Sequence[str],
+                   new_ids: Sequence[Sequence[int]], adapter_dir: Path | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (ex, pred, gold, source) in enumerate(zip(examples, predictions, golds, inputs)):

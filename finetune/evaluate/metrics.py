@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import sacrebleu
+
 Entity = tuple[str, str]  # (normalised span, normalised TYPE)
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,10 +356,13 @@ def entity_scores(gold: Sequence[str | Iterable[Entity]], predicted: Sequence[st
     recall = _ratio(n_correct, n_gold, both_empty)
     per_type = {}
     for kind in sorted(gold_by_type.keys() | pred_by_type.keys()):
-        c, s, q = correct_by_type[kind], gold_by_type[kind], pred_by_type[kind]
-        tp, tr = _ratio(c, q, 0.0), _ratio(c, s, 0.0)
-        per_type[kind] = TypeScores(precision=tp, recall=tr, f1=_f1(tp, tr), support=s, predicted=q,
-                                    correct=c)
+        n_type_correct, n_type_gold = correct_by_type[kind], gold_by_type[kind]
+        n_type_pred = pred_by_type[kind]
+        type_precision = _ratio(n_type_correct, n_type_pred, 0.0)
+        type_recall = _ratio(n_type_correct, n_type_gold, 0.0)
+        per_type[kind] = TypeScores(precision=type_precision, recall=type_recall,
+                                    f1=_f1(type_precision, type_recall), support=n_type_gold,
+                                    predicted=n_type_pred, correct=n_type_correct)
     macro = sum(t.f1 for t in per_type.values()) / len(per_type) if per_type else both_empty
     return EntityScores(
         precision=precision, recall=recall,
@@ -411,7 +416,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, di
     have no words (e.g. gold and prediction both "no entities") scores 1.0, where rouge-score would say 0:
     identical empty answers are correct, and averaging in zeros would punish the model for them.
     """
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # lazy: it imports nltk (~0.3 s), needed only when scoring
 
     if len(predictions) != len(references):
         raise ValueError(f"rouge: {len(predictions)} predictions but {len(references)} references")
@@ -439,8 +444,6 @@ def bleu(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequen
     list is one segment, and sacrebleu's file-oriented API assumes one segment per line.
     Returns ``{"bleu": 0..100, "precisions": [p1..p4 in %], "bp", "sys_len", "ref_len"}``.
     """
-    import sacrebleu
-
     if len(predictions) != len(references):
         raise ValueError(f"bleu: {len(predictions)} predictions but {len(references)} references")
     multi = [[r] if isinstance(r, str) else list(r) for r in references]

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.files import write_text_atomic
+
 # ---------------------------------------------------------------------------------------------------
 # the console table
 
@@ -88,7 +90,7 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 # report.md
 
 
-def write_report(m: dict[str, Any], out_dir: str | os.PathLike, plots: Sequence[str | os.PathLike] = (),
+def write_report(m: dict[str, Any], out_dir: str | os.PathLike, plots: Sequence[str | os.PathLike] = (), *,
                  samples: Sequence[dict[str, Any]] = ()) -> Path:
     """Write ``report.md`` in ``out_dir``: the summary table, settings, plots and sample answers.
 
@@ -127,8 +129,6 @@ def write_report(m: dict[str, Any], out_dir: str | os.PathLike, plots: Sequence[
               "sacrebleu; eval loss is the token-weighted mean NLL of the response tokens (as in training).",
               ""]
     path = out_dir / "report.md"
-    from finetune.files import write_text_atomic
-
     write_text_atomic(path, "\n".join(lines), durable=False)
     return path
 

@@ -37,6 +37,7 @@ shapes, the data in a second, so no second copy of the model is ever held in mem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -44,10 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
 
 from finetune.errors import UserError
+from llama.model import rope_inv_freq
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # our model_type -> llama.cpp architecture name
@@ -75,14 +79,12 @@ def arch_of(model_type: str) -> str:
 
 
 def _qtypes() -> dict[str, Any]:
-    import gguf
 
     Q = gguf.GGMLQuantizationType
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 
 
 def _file_type(name: str) -> int:
-    import gguf
 
     F = gguf.LlamaFileType
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
@@ -101,9 +103,7 @@ def rope_freq_factors(cfg: Any) -> torch.Tensor | None:
     """Llama-3 rope scaling as llama.cpp stores it: per-frequency divisors ``f_i / f_i_scaled`` (F32)."""
     if cfg.rope_type != "llama3":
         return None
-    import dataclasses
 
-    from llama.model import rope_inv_freq
 
     plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
     return (plain / rope_inv_freq(cfg)).float()
@@ -127,7 +127,6 @@ def _convert(t: torch.Tensor, hf_name: str | None, arch: str, cfg: Any) -> torch
 
 
 def _choose_qtype(name: str, shape: tuple[int, ...], gguf_type: str) -> Any:
-    import gguf
 
     Q, q = gguf.GGMLQuantizationType, _qtypes()
     if len(shape) < 2 or name.startswith("rope_freqs"):
@@ -143,7 +142,6 @@ def _choose_qtype(name: str, shape: tuple[int, ...], gguf_type: str) -> Any:
 
 
 def _encode(t: torch.Tensor, qtype: Any) -> np.ndarray:
-    import gguf
 
     Q = gguf.GGMLQuantizationType
     a = t.numpy()
@@ -192,8 +190,6 @@ def bpe_pre_name(spec: dict[str, Any]) -> str:
 
 def _sentencepiece_vocab(model_file: Path, vocab_size: int, added: dict[int, tuple[str, bool]]
                          ) -> tuple[list[str], list[float], list[int]]:
-    import gguf
-    import sentencepiece as spm
 
     T = gguf.TokenType
     sp = spm.SentencePieceProcessor()
@@ -213,7 +209,6 @@ def _sentencepiece_vocab(model_file: Path, vocab_size: int, added: dict[int, tup
 
 
 def _bpe_vocab(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    import gguf
 
     T = gguf.TokenType
     model = spec.get("model") or {}
@@ -313,7 +308,6 @@ def add_architecture(writer: Any, cfg: Any, name: str) -> None:
         writer.add_sliding_window(cfg.sliding_window)
     scaling, kind = cfg.rope_scaling or {}, cfg.rope_type
     if kind == "linear":
-        import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
@@ -326,7 +320,6 @@ def add_architecture(writer: Any, cfg: Any, name: str) -> None:
 # the file
 def plan_tensors(names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], arch: str, cfg: Any, gguf_type: str
                  ) -> list[PlannedTensor]:
-    import gguf
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
@@ -348,7 +341,6 @@ def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tenso
     ``tensors()`` yields (HF name, fp32-able tensor) for every weight, LoRA merged; it is called twice
     (shapes, then data). ``progress(i, n, name)`` after each tensor.
     """
-    import gguf
 
     check_gguf_type(gguf_type)
     arch = arch_of(cfg.model_type)
@@ -392,7 +384,6 @@ def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tenso
 
 def _info(shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], int, Any]:
     """(shape as the writer takes it, bytes, numpy dtype) of one tensor stored as ``qtype``."""
-    import gguf
 
     Q = gguf.GGMLQuantizationType
     count = int(np.prod(shape))

@@ -16,10 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune import files
+import torch
+from safetensors import SafetensorError  # safetensors reports its I/O errors as this, not OSError
+from tqdm import tqdm
+
+import llama
+import lora
+from finetune import files, preflight
 from finetune.config import RunConfig
 from finetune.errors import UserError
+from finetune.evaluate.evaluator import check_adapter, load_for_eval, resolve_weights
 from finetune.export import gguf_file, ollama
+from lora.export import _merged_tensors  # the merge stream merge_and_export writes from
 
 FORMATS = ("hf", "gguf")
 Log = Callable[[str], None]
@@ -69,9 +77,6 @@ def run_export(cfg: RunConfig, fmt: str, output: str, adapter: str | None = None
                gguf_type: str | None = None, force: bool = False, progress: bool = True,
                log: Log = print) -> Path:
     """Write the export; returns its path (a directory for hf, the .gguf file for gguf)."""
-    import llama
-    from finetune import preflight
-    from finetune.evaluate.evaluator import check_adapter, load_for_eval, resolve_weights
 
     check_request(fmt, gguf_type)
     gguf_type = gguf_type or "f16"
@@ -109,9 +114,7 @@ def _ollama_name(out: Path) -> str:
 
 
 def _write_hf(model: Any, base_dir: Path, out: Path, force: bool) -> None:
-    from safetensors import SafetensorError  # safetensors reports its I/O errors as this, not OSError
 
-    import lora
 
     tmp = files.make_temp_dir(out.parent, out.name)
     try:
@@ -144,10 +147,7 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
 
 def _write_gguf(model: Any, mcfg: Any, tok: Any, base_dir: Path, out: Path, gguf_type: str, name: str,
                 progress: bool) -> int:
-    import torch
-    from tqdm import tqdm
 
-    from lora.export import _merged_tensors  # the merge stream merge_and_export writes from
 
     tmp = out.parent / f"{files.TMP_PREFIX}{out.name}.{os.getpid()}"
     files.remove_path(tmp)

@@ -32,27 +32,30 @@ for full training; ``write_final``: ``<output_dir>/final``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
+import lora
 from finetune import files
+from finetune.config import LoraConfig
 from finetune.errors import UserError
 from finetune.files import fsync_path
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from finetune.config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -120,7 +123,7 @@ def last_good_text(output_dir: str | os.PathLike) -> str:
     return f"the last complete checkpoint is {good.path}; then continue with --resume"
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None],
+def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *,
                     info: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step-<step>`` atomically; ``write(tmp_dir)`` puts the files in.
 
@@ -258,10 +261,6 @@ def rng_state() -> dict[str, Any]:
 
     numpy's key array becomes a tensor so that the state loads with ``weights_only=True``.
     """
-    import random
-
-    import numpy as np
-
     kind, key, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -275,10 +274,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -292,8 +287,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` into memory, then our exclusive-temp-file writer: a full disk is a plain OSError
     (torch's own file writer reports it as an opaque RuntimeError) and nothing half-written remains."""
-    import io
-
     buf = io.BytesIO()
     torch.save(state, buf)
     files.write_bytes_atomic(path, buf.getvalue(), durable=False)  # the checkpoint dir is fsync'ed whole
@@ -333,7 +326,7 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "metrics", "elapsed")
 
 
-def verify_checkpoint(c: CheckpointInfo, cfg: RunConfig) -> dict[str, Any]:
+def verify_checkpoint(c: CheckpointInfo, lora_cfg: LoraConfig) -> dict[str, Any]:
     """Read everything a resume needs from checkpoint ``c`` without touching a model; its trainer state.
 
     Raises ``UserError`` naming the file when a file is missing, truncated, corrupt or of the wrong
@@ -345,16 +338,14 @@ def verify_checkpoint(c: CheckpointInfo, cfg: RunConfig) -> dict[str, Any]:
         raise UserError(f"the trainer state {c.path / STATE_FILE} lacks {', '.join(missing)}")
     if state["step"] != c.step:
         raise UserError(f"the trainer state {c.path / STATE_FILE} is for step {state['step']}, not {c.step}")
-    if cfg.lora.enabled:
-        import lora
-
+    if lora_cfg.enabled:
         lora.read_adapter(c.path)  # config types, tensor dtypes, truncation, NaN/inf
     else:
         read_safetensors(c.path / "model.safetensors")
     return state
 
 
-def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
+def choose_checkpoint(output_dir: str | os.PathLike, lora_cfg: LoraConfig, *,
                       warn: Callable[[str], None]) -> tuple[CheckpointInfo, dict[str, Any]]:
     """The newest checkpoint that verifies, and its trainer state; skipped ones are named via ``warn``.
 
@@ -372,7 +363,7 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
     problems = []
     for c in order:
         try:
-            state = verify_checkpoint(c, cfg)
+            state = verify_checkpoint(c, lora_cfg)
         except (UserError, ValueError) as e:
             problems.append(f"{c.path.name}: {e}")
             warn(f"skipping checkpoint {c.path}: it does not verify ({e})")
@@ -382,28 +373,25 @@ def choose_checkpoint(output_dir: str | os.PathLike, cfg: RunConfig,
                     "start a new train.output_dir (the files there are left as they are)")
 
 
-def check_resume_config(c: CheckpointInfo, cfg: RunConfig) -> None:
-    """The LoRA shape settings of ``cfg`` must be the checkpoint's (read from its adapter_config.json,
-    before any model is loaded): a changed ``lora.r`` cannot continue a run, it starts another one."""
-    if not cfg.lora.enabled:
+def check_resume_config(c: CheckpointInfo, lora_cfg: LoraConfig, output_dir: str | os.PathLike) -> None:
+    """The LoRA shape settings of ``lora_cfg`` must be the checkpoint's (read from its adapter_config.json,
+    before any model is loaded): a changed ``lora.r`` cannot continue a run, it starts another one.
+    ``output_dir`` is the run's folder, named in the message (its config.yaml has the original settings)."""
+    if not lora_cfg.enabled:
         return
-    import lora
-
     saved = lora.read_adapter_config(c.path)
-    pairs = {"lora.r": (saved["r"], cfg.lora.r), "lora.alpha": (saved["lora_alpha"], cfg.lora.alpha),
-             "lora.use_rslora": (bool(saved.get("use_rslora", False)), cfg.lora.use_rslora)}
+    pairs = {"lora.r": (saved["r"], lora_cfg.r), "lora.alpha": (saved["lora_alpha"], lora_cfg.alpha),
+             "lora.use_rslora": (bool(saved.get("use_rslora", False)), lora_cfg.use_rslora)}
     changed = [f"{key} {now} (the checkpoint has {was})" for key, (was, now) in pairs.items()
                if float(was) != float(now)]
     if changed:
-        started = Path(cfg.train.output_dir) / "config.yaml"
+        started = Path(output_dir) / "config.yaml"
         raise UserError(f"cannot resume from {c.path}: this config sets {', '.join(changed)}; resume with "
                         f"the settings the run was started with ({started}) or choose a new train.output_dir")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or one ``UserError`` line (missing, truncated, not safetensors)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         raise UserError(f"{path} is missing")
     try:
@@ -469,41 +457,38 @@ def plan_run_dir(output_dir: Path, resume: bool | str) -> CheckpointInfo | None:
 
 def _state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full-training weights with HF keys; a tied head is stored once (as HF does)."""
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+        state_dict.pop("lm_head.weight", None)
+    return state_dict
 
 
-def save_weights(model: nn.Module, out_dir: Path, cfg: RunConfig) -> None:
-    """The trainable weights: a PEFT adapter (LoRA) or model.safetensors (full training)."""
-    if cfg.lora.enabled:
-        import lora
-
-        lora.save_adapter(model, out_dir, base_model_name_or_path=cfg.model.path)
+def save_weights(model: nn.Module, out_dir: Path, *, lora_cfg: LoraConfig, model_path: str) -> None:
+    """The trainable weights: a PEFT adapter (LoRA, naming ``model_path`` as its base) or
+    model.safetensors (full training)."""
+    if lora_cfg.enabled:
+        lora.save_adapter(model, out_dir, base_model_name_or_path=model_path)
     else:
-        from safetensors.torch import save
-
-        data = save(_state_dict_to_save(model), metadata={"format": "pt"})  # bytes: our writer reports ENOSPC
+        # bytes, not a file: our writer reports ENOSPC
+        data = safetensors_bytes(_state_dict_to_save(model), metadata={"format": "pt"})
         files.write_bytes_atomic(out_dir / "model.safetensors", data, durable=False)
 
 
-def load_weights(model: nn.Module, ckpt_dir: Path, cfg: RunConfig) -> None:
-    if cfg.lora.enabled:
-        import lora
-
+def load_weights(model: nn.Module, ckpt_dir: Path, lora_cfg: LoraConfig) -> None:
+    """A checkpoint's trainable weights into ``model``: its adapter, or its whole model.safetensors."""
+    if lora_cfg.enabled:
         lora.load_adapter(model, ckpt_dir)
         return
-    sd = read_safetensors(ckpt_dir / "model.safetensors")
+    state_dict = read_safetensors(ckpt_dir / "model.safetensors")
     tied = getattr(model.config, "tie_word_embeddings", False)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt_dir} does not match the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); resume with the config the run was started with")
 
 
-def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
+def write_final(model: nn.Module, out: Path, *, lora_cfg: LoraConfig, model_path: str) -> Path:
     """``<output_dir>/final``: the adapter (or, for full training, a loadable HF model directory).
 
     Written into an exclusive temporary folder and renamed; a failed write removes that folder and
@@ -513,9 +498,9 @@ def write_final(model: nn.Module, out: Path, cfg: RunConfig) -> Path:
     tmp: Path | None = None
     try:
         tmp = files.make_temp_dir(out, "final")
-        save_weights(model, tmp, cfg)
-        if not cfg.lora.enabled:  # make final/ a model dir: config + tokenizer next to the weights
-            src = Path(cfg.model.path)
+        save_weights(model, tmp, lora_cfg=lora_cfg, model_path=model_path)
+        if not lora_cfg.enabled:  # make final/ a model dir: config + tokenizer next to the weights
+            src = Path(model_path)
             for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                          "special_tokens_map.json", "tokenizer.json"):
                 if (src / name).is_file():

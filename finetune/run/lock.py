@@ -15,6 +15,7 @@ lock created it and nothing else was written (a failed start leaves nothing that
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -97,8 +98,6 @@ class RunLock:
 
 
 def _try_lock(fd: int, previous: dict | None) -> bool:
-    import fcntl
-
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -142,8 +141,6 @@ def _owner_text(owner: dict | None) -> str:
 
 def lock_owner(run_dir: str | os.PathLike) -> dict | None:
     """Who holds the lock of ``run_dir`` right now (None if nobody); for tools and tests."""
-    import fcntl
-
     path = Path(run_dir) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))

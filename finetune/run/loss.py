@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.data.rows import IGNORE_INDEX, Example, collate
+from finetune.data.examples import IGNORE_INDEX, Example, collate
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -43,7 +43,7 @@ def _ce_chunk(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
-def chunked_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+def chunked_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *,
                    chunk_size: int) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over positions with a label, and their count.
 
@@ -90,6 +90,23 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+@dataclass(frozen=True)
+class LossSetup:
+    """How this process computes the loss; the same for every window and every eval pass of a run.
+
+    One value instead of six arguments that always travel together: the loop builds it once in its
+    setup, the evaluator and the benchmarks build theirs with the defaults they need.
+    """
+
+    ce_chunk_size: int                   # target positions per LM-head chunk (chunked_ce_sum)
+    device: torch.device
+    autocast: Autocast = contextlib.nullcontext  # the forward's autocast context (optim.Precision)
+    scaler: torch.amp.GradScaler | None = None   # fp16 loss scaling; None or disabled otherwise
+    ddp: Any = None                      # the DDP wrapper: all micro-batches but the last skip its sync
+    world: int = 1
+    rank: int = 0
+
+
 @dataclass
 class WindowStats:
     """Sums over one accumulation window: local loss sum, global target tokens, local real tokens."""
@@ -100,15 +117,14 @@ class WindowStats:
 
 
 def window_backward(forward: Callable[..., torch.Tensor], lm_head: nn.Module,
-                    batches: Sequence[dict[str, torch.Tensor]], ce_chunk_size: int, device: torch.device,
-                    amp: Autocast = contextlib.nullcontext, scaler: torch.amp.GradScaler | None = None,
-                    ddp: Any = None, world: int = 1) -> WindowStats:
+                    batches: Sequence[dict[str, torch.Tensor]], *, setup: LossSetup) -> WindowStats:
     """Forward + backward of one accumulation window with token-weighted normalisation.
 
     The gradients left in ``.grad`` equal those of ``sum(CE over the window's target tokens, all
     ranks) / N`` where N counts those tokens; DDP's averaging over ranks is undone by ``* world``.
     ``forward(ids, attention_mask=..., hidden_only=True)`` is the model (or its DDP wrapper).
     """
+    device, world, ddp, scaler = setup.device, setup.world, setup.ddp, setup.scaler
     local = sum(count_targets(b) for b in batches)  # host labels: no device involved
     n_global = local
     if world > 1:  # one round trip per window (not per micro-batch) to learn the global count
@@ -124,10 +140,10 @@ def window_backward(forward: Callable[..., torch.Tensor], lm_head: nn.Module,
         tokens += int(batch["attention_mask"].sum())  # host tensors: counting them costs no sync
         sync = ddp is None or i == len(batches) - 1
         with (contextlib.nullcontext() if sync else ddp.no_sync()):
-            with amp():
+            with setup.autocast():
                 hidden = forward(ids, attention_mask=mask, hidden_only=True)
                 # host labels: the target rows are chosen on the CPU (no device sync per micro-batch)
-                part, _ = chunked_ce_sum(lm_head, hidden, batch["labels"], ce_chunk_size)
+                part, _ = chunked_ce_sum(lm_head, hidden, batch["labels"], chunk_size=setup.ce_chunk_size)
             loss = part * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
@@ -144,25 +160,25 @@ def device_mask(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-              ce_chunk_size: int, device: torch.device,
-              amp: Autocast = contextlib.nullcontext,
-              max_batches: int | None = None, rank: int = 0, world: int = 1) -> tuple[float, int]:
+def eval_loss(model: nn.Module, examples: Sequence[Example], *, pad_id: int, batch_size: int,
+              setup: LossSetup, max_batches: int | None = None) -> tuple[float, int]:
     """Token-weighted mean CE over ``examples`` (the first ``max_batches`` batches), sharded over ranks."""
     if max_batches is not None:
         examples = examples[:max_batches * batch_size]
-    mine = examples[rank::world]
+    device, world = setup.device, setup.world
+    mine = examples[setup.rank::world]
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
     try:
         for first in range(0, len(mine), batch_size):
             batch = collate(mine[first:first + batch_size], pad_id)
-            with amp():
+            with setup.autocast():
                 ids = to_device(batch["input_ids"], device)
                 mask = device_mask(batch["attention_mask"], device)
                 hidden = model(ids, attention_mask=mask, hidden_only=True)
-                part, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"], ce_chunk_size)  # host labels
+                part, n = chunked_ce_sum(model.lm_head, hidden, batch["labels"],  # host labels
+                                         chunk_size=setup.ce_chunk_size)
             total[0] += part.double()
             total[1] += n
     finally:

@@ -15,7 +15,7 @@ from finetune.config import TrainConfig
 from finetune.errors import UserError
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+def lr_factor(step: int, total_steps: int, *, warmup_steps: int, kind: str) -> float:
     """Multiplier of the peak LR for the (0-based) optimizer step ``step``.
 
     Warmup is linear and never 0 (nanoGPT's ``(it + 1) / (warmup + 1)``), then cosine
@@ -32,24 +32,24 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(params: list[nn.Parameter], tc: TrainConfig,
+def make_optimizer(params: list[nn.Parameter], train_cfg: TrainConfig,
                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: torch's (fused on CUDA) or bitsandbytes' 8-bit / paged ones.
 
     The 8-bit variants keep the two Adam moments in blockwise 8-bit (Dettmers et al. 2022); the paged
     one also lets them spill to CPU memory under pressure, as in the QLoRA paper (Dettmers et al. 2023).
     """
-    if tc.optimizer == "adamw":
+    if train_cfg.optimizer == "adamw":
         fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                  **({"fused": True} if fused else {}))
     if device.type != "cuda":
-        raise UserError(f"train.optimizer={tc.optimizer} needs a CUDA device (bitsandbytes' 8-bit optimizers "
-                        "are GPU kernels); use train.optimizer: adamw on CPU")
-    import bitsandbytes as bnb
+        raise UserError(f"train.optimizer={train_cfg.optimizer} needs a CUDA device (bitsandbytes' 8-bit "
+                        "optimizers are GPU kernels); use train.optimizer: adamw on CPU")
+    import bitsandbytes as bnb  # lazy: loading it probes CUDA libraries; only 8-bit optimizers need it
 
-    cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    cls = bnb.optim.PagedAdamW8bit if train_cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
 @dataclass
@@ -66,9 +66,9 @@ class Precision:
     scaler: torch.amp.GradScaler
 
 
-def make_precision(tc: TrainConfig, model_dtype: str, device: torch.device) -> Precision:
+def make_precision(train_cfg: TrainConfig, model_dtype: str, device: torch.device) -> Precision:
     """bf16 autocast on CUDA; fp16 autocast + GradScaler only when asked (warned); fp32 on CPU."""
-    amp = tc.amp
+    amp = train_cfg.amp
     if device.type != "cuda":
         if amp in ("bf16", "fp16"):
             warnings.warn(f"train.amp={amp} is ignored on {device}: CPU training computes in float32",

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer  # the oracle
 
 from finetune.config import DataConfig
 from finetune.data import templates
-from finetune.data.rows import IGNORE_INDEX, Row, encode_example
+from finetune.data.examples import IGNORE_INDEX, encode_example
+from finetune.data.rows import Row
 from finetune.errors import UserError
 from llama.tokenizer import Tokenizer
 

@@ -26,7 +26,8 @@ def _write(files: dict[str, bytes]):
 
 
 def test_save_is_atomic_and_latest_points_to_it(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path, 5, _write({"a.bin": b"x" * 10}), {"eval_loss": 1.5, "loss": 2.0})
+    path = ckpt.save_checkpoint(tmp_path, 5, _write({"a.bin": b"x" * 10}),
+                                info={"eval_loss": 1.5, "loss": 2.0})
     assert path == tmp_path / "checkpoints" / "step-5" and (path / "a.bin").read_bytes() == b"x" * 10
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-5"
     info = ckpt.latest_checkpoint(tmp_path)
@@ -49,7 +50,7 @@ def test_save_is_atomic_and_latest_points_to_it(tmp_path):
 def test_sigkill_inside_save_leaves_previous_checkpoint(tmp_path):
     """A real SIGKILL at the fault point (files half written, before the rename)."""
     ckpt.save_checkpoint(tmp_path, 1, _write({"w": b"old"}))
-    code = ("import sys; from pathlib import Path; from finetune import checkpoint as c; "
+    code = ("import sys; from pathlib import Path; from finetune.run import checkpoint as c; "
             "c.save_checkpoint(Path(sys.argv[1]), 2, lambda t: (t / 'w').write_bytes(b'new' * 1000))")
     env = dict(os.environ, FINETUNE_FAULT="save:2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True)
@@ -75,7 +76,7 @@ def test_latest_pointer_lagging_or_broken_falls_back_to_newest_complete(tmp_path
 def test_rotation_keeps_last_k_and_best(tmp_path):
     losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 2.5}
     for step, loss in losses.items():
-        ckpt.save_checkpoint(tmp_path, step, _write({}), {"eval_loss": loss})
+        ckpt.save_checkpoint(tmp_path, step, _write({}), info={"eval_loss": loss})
         ckpt.rotate(tmp_path, keep_last=2)
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [2, 4, 5]
     assert ckpt.best_checkpoint(tmp_path).step == 2

@@ -19,17 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune.config import DataConfig
-from finetune.data.rows import (
-    IGNORE_INDEX,
-    Row,
-    collate,
-    encode_example,
-    load_rows,
-    prepare,
-    read_rows,
-    split_rows,
-    tags_to_entities,
-)
+from finetune.data.examples import IGNORE_INDEX, collate, encode_example, prepare
+from finetune.data.rows import Row, load_rows, read_rows, split_rows, tags_to_entities
 from finetune.data.templates import ALPACA_TEMPLATE, format_prompt
 from finetune.errors import UserError
 

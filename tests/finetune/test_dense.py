@@ -57,7 +57,7 @@ def test_dense_merged_logits_and_ids_equal_the_4bit_lora_path(tiny_model_dir):
 def test_auto_densifies_when_it_fits_and_keeps_4bit_when_it_does_not(tiny_model_dir, monkeypatch):
     lines: list[str] = []
     model = nf4_lora(tiny_model_dir)
-    assert dense.maybe_densify(model, "auto", lines.append)
+    assert dense.maybe_densify(model, "auto", log=lines.append)
     assert len(lines) == 1 and "dense merged copy" in lines[0] and "GiB was free" in lines[0]
     assert not any(isinstance(m, quant.Linear4bit) for m in model.modules())
 
@@ -67,12 +67,12 @@ def test_auto_densifies_when_it_fits_and_keeps_4bit_when_it_does_not(tiny_model_
                            (True, "eval.dense true, but a dense merged copy needs")):
         lines.clear()
         model = nf4_lora(tiny_model_dir)
-        assert not dense.maybe_densify(model, setting, lines.append)
+        assert not dense.maybe_densify(model, setting, log=lines.append)
         assert len(lines) == 1 and lines[0].startswith(start), lines
         assert "only 0.00 GiB is free: generating from the 4-bit weights" in lines[0]
         assert any(isinstance(m, quant.Linear4bit) for m in model.modules())
     lines.clear()
-    assert not dense.maybe_densify(nf4_lora(tiny_model_dir), False, lines.append)
+    assert not dense.maybe_densify(nf4_lora(tiny_model_dir), False, log=lines.append)
     assert lines == ["generation: eval.dense false: generating from the 4-bit / unmerged weights"]
 
 

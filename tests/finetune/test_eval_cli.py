@@ -84,7 +84,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 def hf_response_loss(hf, tok, cfg, rows) -> tuple[float, int]:
     """Oracle: token-weighted response loss from a transformers/peft model, one example at a time."""
-    from finetune.data.rows import encode_example
+    from finetune.data.examples import encode_example
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -148,7 +148,8 @@ def test_eval_end_to_end_matches_transformers_and_peft(env, capsys) -> None:
 
     import llama
     from finetune.config import load_config
-    from finetune.data.rows import encode_example, load_rows, split_rows
+    from finetune.data.examples import encode_example
+    from finetune.data.rows import load_rows, split_rows
 
     cfg = load_config(env["cfg"])
     tok = llama.Tokenizer.from_pretrained(str(env["model"]))

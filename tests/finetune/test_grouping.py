@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from finetune.config import TrainConfig, load_config
+from finetune.data.examples import prepare
 from finetune.data.plan import make_plan
-from finetune.data.rows import prepare
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def _plan(group: bool, world: int = 1, lengths=None, n: int = 1000, **kw):
                      group_by_length=group, **kw)
     rng = random.Random(0)
     lengths = lengths or [rng.randint(20, 400) for _ in range(n)]
-    return make_plan(tc, len(lengths), world, lengths), lengths
+    return make_plan(tc, len(lengths), world=world, lengths=lengths), lengths
 
 
 def test_grouped_batches_pad_less_and_use_each_example_once() -> None:
@@ -68,7 +68,7 @@ def test_demo_config_wastes_at_most_5_percent_on_padding(smollm2_dir: Path) -> N
     assert cfg.train.group_by_length
     data = prepare(cfg.data, Tokenizer.from_pretrained(smollm2_dir))
     lengths = [len(e.input_ids) for e in data.train]
-    plan = make_plan(cfg.train, len(lengths), 1, lengths)
+    plan = make_plan(cfg.train, len(lengths), world=1, lengths=lengths)
     used = min(plan.total_steps, plan.steps_per_epoch)
     real = padded = 0
     for step in range(used):  # the steps the demo actually runs

@@ -22,11 +22,11 @@ from train_testlib import metrics, run_config, train_losses, write_csv  # noqa: 
 import llama  # noqa: E402
 import lora  # noqa: E402
 from finetune.config import config_from_dict, load_config  # noqa: E402
+from finetune.data.examples import IGNORE_INDEX, Example, collate  # noqa: E402
 from finetune.data.plan import make_plan  # noqa: E402
-from finetune.data.rows import IGNORE_INDEX, Example, collate  # noqa: E402
 from finetune.run import checkpoint as ckpt  # noqa: E402
 from finetune.run.loop import TrainingDiverged, train  # noqa: E402
-from finetune.run.loss import chunked_ce_sum, eval_loss, window_backward  # noqa: E402
+from finetune.run.loss import LossSetup, chunked_ce_sum, eval_loss, window_backward  # noqa: E402
 from finetune.run.optim import lr_factor  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +88,7 @@ def test_chunked_ce_equals_full_logits_loss_and_grads(tiny_model_dir):
     for chunk in (1, 5, 1024):
         model.zero_grad(set_to_none=True)
         hidden = model(b["input_ids"], attention_mask=b["attention_mask"], hidden_only=True)
-        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], chunk)
+        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], chunk_size=chunk)
         assert n == int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         (total / n).backward()
         assert_rel_close(total.detach() / n, ref.detach())
@@ -103,7 +103,8 @@ def test_accumulation_k_micro_batches_equal_one_batch(tiny_model_dir):
     for name, groups in {"3x1": [[0], [1], [2]], "1x3": [[0, 1, 2]], "2+1": [[2, 0], [1]]}.items():
         model.zero_grad(set_to_none=True)
         batches = [collate([examples[i] for i in g], pad_id=0) for g in groups]
-        ws = window_backward(model, model.lm_head, batches, ce_chunk_size=4, device=torch.device("cpu"))
+        ws = window_backward(model, model.lm_head, batches,
+                             setup=LossSetup(ce_chunk_size=4, device=torch.device("cpu")))
         results[name] = ws
         assert ws.target_tokens == sum(len(e.input_ids) - e.prompt_len for e in examples)
         assert_rel_close(ws.loss_sum / ws.target_tokens, ref.detach())
@@ -114,7 +115,7 @@ def test_accumulation_k_micro_batches_equal_one_batch(tiny_model_dir):
     for e in examples:
         b = collate([e], pad_id=0)
         hidden = model(b["input_ids"], attention_mask=b["attention_mask"], hidden_only=True)
-        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], 1024)
+        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], chunk_size=1024)
         means.append(total.item() / n)
     assert abs(sum(means) / 3 - ref.item()) > 1e-3
 
@@ -122,11 +123,13 @@ def test_accumulation_k_micro_batches_equal_one_batch(tiny_model_dir):
 def test_gradient_checkpointing_gives_the_same_grads(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     batches = [collate(ragged_examples(), pad_id=0)]
-    window_backward(model, model.lm_head, batches, 8, torch.device("cpu"))
+    window_backward(model, model.lm_head, batches,
+                    setup=LossSetup(ce_chunk_size=8, device=torch.device("cpu")))
     plain = lora_grads(model)
     model.zero_grad(set_to_none=True)
     model.gradient_checkpointing = True
-    window_backward(model, model.lm_head, batches, 8, torch.device("cpu"))
+    window_backward(model, model.lm_head, batches,
+                    setup=LossSetup(ce_chunk_size=8, device=torch.device("cpu")))
     for name, g in lora_grads(model).items():  # every LoRA parameter still gets its gradient
         assert g.abs().sum() > 0
         assert_rel_close(g, plain[name])
@@ -145,7 +148,7 @@ def test_full_vocab_logits_are_never_stored(tiny_model_dir):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = model(b["input_ids"], attention_mask=b["attention_mask"], hidden_only=True)
-        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], chunk)
+        total, n = chunked_ce_sum(model.lm_head, hidden, b["labels"], chunk_size=chunk)
     assert n > chunk and saved
     assert not [s for s in saved if s and s[-1] == vocab], saved  # no logits saved at all
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the oracle does save them
@@ -158,7 +161,7 @@ def test_full_vocab_logits_are_never_stored(tiny_model_dir):
 def test_lr_schedule_shapes():
     total, warm = 20, 4
     for kind in ("cosine", "linear", "constant"):
-        f = [lr_factor(s, total, warm, kind) for s in range(total)]
+        f = [lr_factor(s, total, warmup_steps=warm, kind=kind) for s in range(total)]
         assert f[:warm] == sorted(f[:warm]) and 0 < f[0] < f[warm - 1] < 1  # warmup never starts at 0
         assert f[warm] == 1.0
         assert all(0 < x <= 1 for x in f)
@@ -167,8 +170,8 @@ def test_lr_schedule_shapes():
         else:
             assert f[warm:] == sorted(f[warm:], reverse=True) and f[-1] < 0.1
     mid = warm + (total - warm) // 2
-    assert math.isclose(lr_factor(mid, total, warm, "cosine"), 0.5, abs_tol=1e-12)
-    assert math.isclose(lr_factor(mid, total, warm, "linear"), 0.5, abs_tol=1e-12)
+    assert math.isclose(lr_factor(mid, total, warmup_steps=warm, kind="cosine"), 0.5, abs_tol=1e-12)
+    assert math.isclose(lr_factor(mid, total, warmup_steps=warm, kind="linear"), 0.5, abs_tol=1e-12)
 
 
 def test_data_plan_shards_like_a_bigger_accumulation(tiny_model_dir, tmp_path):
@@ -197,10 +200,12 @@ def test_eval_loss_is_the_token_weighted_mean_over_the_split(tiny_model_dir):
         ref = reference_loss(model.eval(), examples).item()
         first_two = reference_loss(model, examples[:2]).item()
     model.train()
-    ours, n = eval_loss(model, examples, pad_id=0, batch_size=2, ce_chunk_size=3, device=torch.device("cpu"))
+    ours, n = eval_loss(model, examples, pad_id=0, batch_size=2,
+                         setup=LossSetup(ce_chunk_size=3, device=torch.device("cpu")))
     assert n == sum(len(e.input_ids) - e.prompt_len for e in examples)
     assert math.isclose(ours, ref, rel_tol=1e-5)
-    capped, _ = eval_loss(model, examples, 0, 1, 1024, torch.device("cpu"), max_batches=2)
+    capped, _ = eval_loss(model, examples, pad_id=0, batch_size=1,
+                          setup=LossSetup(ce_chunk_size=1024, device=torch.device("cpu")), max_batches=2)
     assert math.isclose(capped, first_two, rel_tol=1e-5)
     assert model.training  # restored
 
@@ -231,7 +236,7 @@ def test_loss_halves_within_a_few_dozen_steps(tiny_model_dir, tmp_path, mode, on
 def test_run_outputs(tiny_model_dir, tmp_path, one_thread):
     """config.yaml reloads, metrics.jsonl has every field, the plot is a PNG, final/ = last checkpoint,
     and the adapter loads strictly; the logged eval loss is the evaluator's loss of that adapter."""
-    from finetune.data.rows import prepare
+    from finetune.data.examples import prepare
 
     data = write_csv(tmp_path / "data.csv")
     cfg = config_from_dict(run_config(tiny_model_dir, data, tmp_path / "run",
@@ -321,6 +326,8 @@ def test_unpadded_batches_run_without_a_mask_and_give_the_same_loss(tiny_model_d
     ids = torch.randint(3, 500, (2, 6))
     labels = ids.clone()
     with torch.no_grad():
-        a, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=full, hidden_only=True), labels, 4)
-        b, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=None, hidden_only=True), labels, 4)
+        a, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=full, hidden_only=True), labels,
+                              chunk_size=4)
+        b, _ = chunked_ce_sum(model.lm_head, model(ids, attention_mask=None, hidden_only=True), labels,
+                              chunk_size=4)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import llama
 import lora
-from finetune.data.rows import IGNORE_INDEX, Example, collate
-from finetune.run.loss import chunked_ce_sum, window_backward
+from finetune.data.examples import IGNORE_INDEX, Example, collate
+from finetune.run.loss import LossSetup, chunked_ce_sum, window_backward
 
 CFG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -42,7 +42,8 @@ def test_window_backward_runs_on_the_meta_device_so_it_reads_nothing_back() -> N
     lora.inject(model, targets="all-linear", r=2, alpha=4, dropout=0.1)
     model.train()
     model.gradient_checkpointing = True
-    ws = window_backward(model, model.lm_head, batches(), ce_chunk_size=4, device=torch.device("meta"))
+    ws = window_backward(model, model.lm_head, batches(),
+                         setup=LossSetup(ce_chunk_size=4, device=torch.device("meta")))
     assert ws.loss_sum.device.type == "meta"
     assert ws.target_tokens == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches())
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in lora.trainable_parameters(model))
@@ -66,9 +67,9 @@ def test_host_side_selection_equals_the_boolean_gather_loss() -> None:
     keep = labels[:, 1:] != IGNORE_INDEX
     expected = F.cross_entropy(head(hidden[:, :-1][keep]), labels[:, 1:][keep], reduction="sum")
     for chunk in (1, 4, 1024):
-        total, n = chunked_ce_sum(head, hidden, labels, chunk)
+        total, n = chunked_ce_sum(head, hidden, labels, chunk_size=chunk)
         assert n == int(keep.sum())
         torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-5)
     empty = torch.full_like(labels, IGNORE_INDEX)
-    total, n = chunked_ce_sum(head, hidden.requires_grad_(), empty, 4)
+    total, n = chunked_ce_sum(head, hidden.requires_grad_(), empty, chunk_size=4)
     assert n == 0 and float(total) == 0.0 and total.requires_grad
