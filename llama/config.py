@@ -33,6 +33,38 @@ FAMILIES: dict[str, str] = {
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES.values())
+
+# How each family's transformers class lays out the decoder where config.json has no say: the values
+# of LlamaConfig's layout fields. One row per family over LLAMA_LAYOUT; a new family is a row here
+# (plus its parity test), and llama/model.py reads only the fields, never `model_type`.
+LLAMA_LAYOUT: dict[str, Any] = {
+    "norm_type": "rms",  # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    "norm_offset": False,  # RMSNorm times (1 + weight): weights stored around 0
+    "scale_embeddings": False,  # embeddings times sqrt(hidden_size)
+    "parallel_block": False,  # x + attn(ln x) + mlp(ln x) on one norm, not two sequential residuals
+    "gated_mlp": True,  # down(act(gate x) * up x); False: fc2(act(fc1 x))
+    "attention_bias": False,  # bias on q, k, v and the output projection
+    "qkv_bias": False,  # bias on q, k, v only
+    "mlp_bias": False,
+    "lm_head_bias": False,
+    "out_proj_name": "o_proj",  # the checkpoint's name of the attention output projection
+    "final_norm_name": "norm",  # the checkpoint's name of the norm after the last layer
+}
+FAMILY_LAYOUTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "mixtral": {},
+    "gemma": {"norm_offset": True, "scale_embeddings": True},
+    # PhiModel has a bias on every linear and no switch for it.
+    "phi": {"norm_type": "layer", "parallel_block": True, "gated_mlp": False, "attention_bias": True,
+            "mlp_bias": True, "lm_head_bias": True, "out_proj_name": "dense",
+            "final_norm_name": "final_layernorm"},
+    "qwen2": {"qkv_bias": True},
+}
+NORM_TYPES = ("rms", "layer")
+# Families whose transformers class rotates only part of each head when config.json asks for it; the
+# others' classes do not implement a partial_rotary_factor, so a config.json that sets one is refused.
+PARTIAL_ROTARY_FAMILIES = ("phi",)
 # Extra keys each RoPE variant needs (besides rope_theta); see llama/model.py:rope_inv_freq.
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -65,10 +97,11 @@ _MUST_BE: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 
 @dataclass
 class LlamaConfig:
-    """The hyper-parameters of every supported family, flat; `model_type` picks the family's layout.
+    """The hyper-parameters of every supported family, flat.
 
-    Family differences that a config.json cannot vary are properties derived from `model_type`
-    (`norm_type`, `parallel_block`, `embed_scale`, ...); the rest are fields read from config.json.
+    Most fields are read from config.json. The layout fields (None by default: norm_type ...
+    final_norm_name) are what a family's transformers class hard-codes; they are filled from
+    FAMILY_LAYOUTS by `model_type`, once, here, and an explicit value wins (tests flip them one at a time).
     """
 
     vocab_size: int
@@ -84,8 +117,6 @@ class LlamaConfig:
     # None, or {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...} (without rope_theta)
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q, k, v and the output projection
-    mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # Llama-3.1 lists several
@@ -97,8 +128,7 @@ class LlamaConfig:
     # (None = all of them when sliding_window is set).
     sliding_window: int | None = None
     layer_types: list[str] | None = None
-    qkv_bias: bool = False  # Qwen2: bias on q, k, v only (not on o_proj)
-    partial_rotary_factor: float = 1.0  # Phi: RoPE rotates only this fraction of each head
+    partial_rotary_factor: float = 1.0  # RoPE rotates only this fraction of each head (Phi: 0.4)
     layer_norm_eps: float = 1e-5  # Phi's LayerNorm (the RMSNorm families use rms_norm_eps)
     attention_dropout: float = 0.0  # dropout on attention probabilities, training only
     resid_pdrop: float = 0.0  # Phi: dropout on the attention and MLP outputs, training only
@@ -106,13 +136,28 @@ class LlamaConfig:
     num_local_experts: int = 0  # Mixtral: experts per layer (0 = dense MLP)
     num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to (top-k)
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss when the loop adds it
+    # The layout (None = the family's value from FAMILY_LAYOUTS; see LLAMA_LAYOUT for the meanings).
+    norm_type: str | None = None
+    norm_offset: bool | None = None
+    scale_embeddings: bool | None = None
+    parallel_block: bool | None = None
+    gated_mlp: bool | None = None
+    attention_bias: bool | None = None
+    qkv_bias: bool | None = None
+    mlp_bias: bool | None = None
+    lm_head_bias: bool | None = None
+    out_proj_name: str | None = None
+    final_norm_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise LoadError(f"config: model_type={self.model_type!r} is not supported; supported: "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        if self.model_type == "phi":  # every Phi linear has a bias (HF's PhiModel has no switch)
-            self.attention_bias = self.mlp_bias = True
+        for key, value in {**LLAMA_LAYOUT, **FAMILY_LAYOUTS[self.model_type]}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.norm_type not in NORM_TYPES:
+            raise LoadError(f"config: norm_type={self.norm_type!r} is not one of {', '.join(NORM_TYPES)}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -129,9 +174,6 @@ class LlamaConfig:
             raise LoadError(f"config: partial_rotary_factor={self.partial_rotary_factor} gives "
                             f"{self.rotary_dim} rotary dims of head_dim={self.head_dim}; it must be an even "
                             "number > 0")
-        if self.partial_rotary_factor != 1 and self.model_type != "phi":
-            raise LoadError(f"config: partial_rotary_factor={self.partial_rotary_factor} is only "
-                            f"implemented for phi, not {self.model_type}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise LoadError(f"config: sliding_window={self.sliding_window} must be a positive number of "
                             "tokens or null")
@@ -146,9 +188,6 @@ class LlamaConfig:
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise LoadError(f"config: num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                             f"num_local_experts={self.num_local_experts}")
-        if self.num_local_experts and self.model_type != "mixtral":
-            raise LoadError(f"config: num_local_experts={self.num_local_experts} (mixture of experts) is "
-                            f"only implemented for mixtral, not {self.model_type}")
 
     @property
     def rope_type(self) -> str:
@@ -166,35 +205,10 @@ class LlamaConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
-    # Layout switches fixed by the family (transformers hard-codes them per model class too).
-    @property
-    def norm_type(self) -> str:
-        """"layer" (LayerNorm with bias: Phi) or "rms" (everyone else)."""
-        return "layer" if self.model_type == "phi" else "rms"
-
-    @property
-    def norm_offset(self) -> bool:
-        """Gemma's RMSNorm multiplies by (1 + weight): its weights are stored around 0, not 1."""
-        return self.model_type == "gemma"
-
     @property
     def embed_scale(self) -> float | None:
-        """Gemma multiplies the embeddings by sqrt(hidden_size); None = no scaling."""
-        return self.hidden_size ** 0.5 if self.model_type == "gemma" else None
-
-    @property
-    def parallel_block(self) -> bool:
-        """Phi: x + attn(ln(x)) + mlp(ln(x)) with one LayerNorm, instead of two sequential residuals."""
-        return self.model_type == "phi"
-
-    @property
-    def lm_head_bias(self) -> bool:
-        return self.model_type == "phi"
-
-    @property
-    def out_proj_name(self) -> str:
-        """Name of the attention output projection: Phi calls it `dense`, the others `o_proj`."""
-        return "dense" if self.model_type == "phi" else "o_proj"
+        """What the embeddings are multiplied by: sqrt(hidden_size) with scale_embeddings, else None."""
+        return self.hidden_size ** 0.5 if self.scale_embeddings else None
 
     def is_sliding(self, layer: int) -> bool:
         """True if decoder layer `layer` uses sliding-window attention."""
@@ -270,6 +284,9 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
         else:
             scaling = _normalise_rope_scaling(scaling, where)
 
+    if partial != 1 and family not in PARTIAL_ROTARY_FAMILIES:
+        raise LoadError(f"{where}: partial_rotary_factor={partial} is not implemented by {family}'s "
+                        f"transformers class (only {', '.join(PARTIAL_ROTARY_FAMILIES)}); remove it")
     fields = {k: raw[k] for k in _REQUIRED}
     for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
                 "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
@@ -281,6 +298,9 @@ def _hf_to_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
                   torch_dtype=raw.get("dtype") or raw.get("torch_dtype"), model_type=family,
                   partial_rotary_factor=float(partial))
     fields.update(_family_fields(raw, family))
+    # What the family's transformers class hard-codes wins over config.json (PhiModel ignores an
+    # `attention_bias: false`, Qwen2 always has q/k/v biases).
+    fields.update(FAMILY_LAYOUTS[family])
     return fields
 
 
@@ -300,7 +320,7 @@ def _family_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
                      for i in range(raw["num_hidden_layers"])]
         if types is not None and all(t == "full_attention" for t in types):
             window, types = None, None
-        out.update(sliding_window=window, layer_types=types, qkv_bias=True)
+        out.update(sliding_window=window, layer_types=types)
     elif family == "gemma":
         # Gemma's published config.json says hidden_act "gelu" but was trained with the tanh
         # approximation; transformers 4.x reads `hidden_activation` (None = tanh) and 5.x maps "gelu"

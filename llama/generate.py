@@ -51,7 +51,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 def decode_step(model: Llama, tokens: torch.Tensor, attention_mask: torch.Tensor,
                 kv_caches: list[KVCache], input_pos: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) of the last position of `tokens` (B, T) written at cache slots `input_pos`."""
-    hidden = model(tokens, attention_mask, hidden_only=True, kv_caches=kv_caches, input_pos=input_pos)
+    hidden = model(tokens, attention_mask=attention_mask, hidden_only=True, kv_caches=kv_caches,
+                   input_pos=input_pos)
     return model.lm_head(hidden[:, -1]).float()
 
 
@@ -65,7 +66,7 @@ def _decode_one(model: Llama, token: torch.Tensor, real: torch.Tensor, positions
     """
     mask = (real & (keys <= slot))[:, None, None, :]  # (B, 1, 1, S): causal over slots, real keys only
     pos = positions.index_select(1, slot)  # (B, 1)
-    hidden = model(token, mask, hidden_only=True, kv_caches=kv_caches, input_pos=slot, positions=pos)
+    hidden = model(token, mask=mask, positions=pos, hidden_only=True, kv_caches=kv_caches, input_pos=slot)
     return model.lm_head(hidden[:, -1]).float()
 
 

@@ -4,8 +4,8 @@ Module paths equal transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q
 family, its `MistralForCausalLM`, `MixtralForCausalLM` (`block_sparse_moe.gate`, `experts.M.w1/w2/w3`),
 `GemmaForCausalLM`, `PhiForCausalLM` (`self_attn.dense`, `mlp.fc1/fc2`, `final_layernorm`) and
 `Qwen2ForCausalLM`, so `state_dict()` keys are the checkpoint's keys and PEFT adapter keys are
-`base_model.model.<path>`. The config (llama/config.py) switches the few places the families differ;
-there is no copy of the decoder per family.
+`base_model.model.<path>`. The config's layout fields (llama/config.py: FAMILY_LAYOUTS) switch the few
+places the families differ; nothing here reads the family's name, and there is no copy per family.
 Every linear is a plain child module called through its own forward (`self.q_proj(x)`), so `quant`
 can swap it for a 4-bit module and `lora` can wrap it, with no change here.
 """
@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .masks import AttentionMasks, attention_masks
 
 # enable_gqa lets SDPA broadcast K/V heads without copying them (torch >= 2.5).
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -171,9 +172,13 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_b)
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_b)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_b)
-        # `o_proj`, or `dense` in Phi: the checkpoint's (and PEFT's target) name.
-        self.out_name = cfg.out_proj_name
-        self.add_module(self.out_name, nn.Linear(self.n_heads * self.head_dim, h, bias=b))
+        # The output projection under the checkpoint's (and PEFT's target) name: `o_proj`, Phi's `dense`.
+        out_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        self.out_is_dense = cfg.out_proj_name == "dense"
+        if self.out_is_dense:
+            self.dense = out_proj
+        else:
+            self.o_proj = out_proj
         self.sliding = cfg.is_sliding(layer)
         self.dropout = cfg.attention_dropout
 
@@ -206,8 +211,9 @@ class LlamaAttention(nn.Module):
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
-        out = self._modules[self.out_name]
-        return out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        # Looked up at call time: lora.inject and quant swap this child for a wrapped one.
+        out_proj = self.dense if self.out_is_dense else self.o_proj
+        return out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -334,13 +340,11 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer)
-        if cfg.num_local_experts:
-            self.ffn_name = "block_sparse_moe"
-            ffn: nn.Module = SparseMoeBlock(cfg)
+        self.moe = bool(cfg.num_local_experts)
+        if self.moe:
+            self.block_sparse_moe = SparseMoeBlock(cfg)
         else:
-            self.ffn_name = "mlp"
-            ffn = PhiMLP(cfg) if cfg.parallel_block else LlamaMLP(cfg)
-        self.add_module(self.ffn_name, ffn)
+            self.mlp = LlamaMLP(cfg) if cfg.gated_mlp else PhiMLP(cfg)
         self.input_layernorm = make_norm(cfg)
         self.parallel = cfg.parallel_block
         if not self.parallel:
@@ -349,7 +353,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        ffn = self._modules[self.ffn_name]
+        ffn = self.block_sparse_moe if self.moe else self.mlp
         if self.parallel:  # Phi: both branches read the same normed input, summed as transformers does
             h = self.input_layernorm(x)
             a, m = self.self_attn(h, cos, sin, mask, cache, input_pos), ffn(h)
@@ -367,13 +371,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        # `norm`, or `final_layernorm` in Phi: the checkpoint's name.
-        self.norm_name = "final_layernorm" if cfg.norm_type == "layer" else "norm"
-        self.add_module(self.norm_name, make_norm(cfg))
+        # The norm after the last layer under the checkpoint's name: `norm`, Phi's `final_layernorm`.
+        self.norm_is_final_layernorm = cfg.final_norm_name == "final_layernorm"
+        if self.norm_is_final_layernorm:
+            self.final_layernorm = make_norm(cfg)
+        else:
+            self.norm = make_norm(cfg)
         self.rotary_emb = RotaryEmbedding(cfg)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self._modules[self.norm_name](x)
+        return (self.final_layernorm if self.norm_is_final_layernorm else self.norm)(x)
 
 
 class Llama(nn.Module):
@@ -392,6 +399,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.tie_weights()
         self.gradient_checkpointing = False
+        # The window of the sliding-window layers; None when no layer slides.
+        slides = any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
+        self.sliding_window = cfg.sliding_window if slides else None
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the head (one Parameter, two module paths)."""
@@ -404,76 +414,51 @@ class Llama(nn.Module):
         return [KVCache(batch_size, max_seq_len, cfg.num_key_value_heads, cfg.head_dim,
                         dtype or emb.dtype, device or emb.device) for _ in range(cfg.num_hidden_layers)]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                hidden_only: bool = False, *, kv_caches: list[KVCache] | None = None,
-                input_pos: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                hidden_only: bool = False, kv_caches: list[KVCache] | None = None,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the final-normed hidden states (B, T, H) if `hidden_only`.
 
-        attention_mask: (B, T), 1 = real token, 0 = padding (HF meaning). With `kv_caches`, it spans
-        all S cache slots (B, S) and `input_pos` (T,) gives the slots of `input_ids`.
-        Without padding pass None: SDPA then runs causal flash attention (a mask rules flash out).
-        A ready 4-D boolean mask (B, 1, T, S) (True = may attend) is used as is, with `positions`
-        (B, T) the RoPE positions: generation builds both from tables made once per batch.
+        attention_mask: (B, T), 1 = real token, 0 = padding (HF meaning); with `kv_caches` it spans all
+        S cache slots (B, S) and `input_pos` (T,) gives the slots of `input_ids`. Without padding pass
+        None: SDPA then runs causal flash attention. `mask` + `positions` are a ready (B, 1, T, S)
+        boolean mask and its RoPE positions (generation builds both from tables made once per batch).
         """
-        B, T = input_ids.shape
-        slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
         if kv_caches is not None and input_pos is None:
             raise ValueError("kv_caches needs input_pos: the cache slots of input_ids")
+        B, T = input_ids.shape
+        slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
         n_keys = kv_caches[0].k_cache.shape[2] if kv_caches is not None else T
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            if positions is None:
-                raise ValueError("a 4-D attention_mask needs positions: the RoPE positions of input_ids")
-            mask = attention_mask
-        elif attention_mask is not None:
-            real = attention_mask.bool()
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, slots]  # (B, T)
-            keys = torch.arange(n_keys, device=input_ids.device)
-            # (B, 1, T, S): causal over slots and key is real; the diagonal keeps pad rows finite.
-            mask = (keys <= slots[:, None]) & real[:, None, :] | (keys == slots[:, None])
-            mask = mask[:, None]
-        elif kv_caches is not None:
-            keys = torch.arange(n_keys, device=input_ids.device)
-            mask = (keys <= slots[:, None])[None, None]
-        if positions is None:
-            positions = slots[None].expand(B, T)
-        window_mask = self._window_mask(mask, slots, n_keys)
+        masks = attention_masks(batch=B, slots=slots, n_keys=n_keys, cached=kv_caches is not None,
+                                attention_mask=attention_mask, mask=mask, positions=positions,
+                                window=self.sliding_window)
+        x = self.embed(input_ids)
+        cos, sin = self.model.rotary_emb(masks.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x = self._run_layer(layer, x, cos, sin, masks, cache, input_pos)
+        x = self.model.final_norm(x)
+        return x if hidden_only else self.lm_head(x)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, scaled (Gemma) and dropped out (Phi, training) as the family does."""
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
         if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the embedding dtype as HF does
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if cfg.embd_pdrop and self.training:
             x = F.dropout(x, cfg.embd_pdrop)
-        cos, sin = self.model.rotary_emb(positions, x.dtype)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.model.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            m = window_mask if layer.self_attn.sliding else mask
-            if use_ckpt and cache is None:
-                # Non-reentrant: works with frozen inputs, LoRA params and 4-bit bases alike.
-                x = checkpoint(layer, x, cos, sin, m, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, m, cache, input_pos)
-        x = self.model.final_norm(x)
-        return x if hidden_only else self.lm_head(x)
+        return x
 
-    def _window_mask(self, mask: torch.Tensor | None, slots: torch.Tensor,
-                     n_keys: int) -> torch.Tensor | None:
-        """The mask of the sliding-window layers: `mask` (or plain causal) and key > query - window.
-
-        A query at slot q sees slots q-window+1 .. q (window keys, itself included), as transformers'
-        sliding_window_overlay. Slots equal positions for the real tokens of a left- or right-padded
-        row, so the window counts real tokens. None when no layer slides or no key can fall outside.
-        """
-        w = self.config.sliding_window
-        if w is None or not any(layer.self_attn.sliding for layer in self.model.layers) or n_keys <= w:
-            return mask
-        keys = torch.arange(n_keys, device=slots.device)
-        inside = (keys > slots[:, None] - w)[None, None]  # (1, 1, T, S)
-        if mask is None:
-            mask = (keys <= slots[:, None])[None, None]
-        return mask & inside
+    def _run_layer(self, layer: LlamaDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   masks: AttentionMasks, cache: KVCache | None, input_pos: torch.Tensor | None
+                   ) -> torch.Tensor:
+        mask = masks.sliding if layer.self_attn.sliding else masks.full
+        if cache is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant: works with frozen inputs, LoRA params and 4-bit bases alike.
+            return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        return layer(x, cos, sin, mask, cache, input_pos)
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

@@ -102,7 +102,8 @@ def test_logits_equal_transformers(case, tmp_path):
 
 def test_the_family_switches_change_the_network(family_dir):
     """Each family's difference from Llama matters on these inputs, so the parity above means something."""
-    for family, change in [("mistral", dict(sliding_window=None)), ("gemma", dict(model_type="llama")),
+    for family, change in [("mistral", dict(sliding_window=None)),
+                           ("gemma", dict(norm_offset=False, scale_embeddings=False)),
                            ("qwen2", dict(qkv_bias=False)), ("phi", dict(partial_rotary_factor=1.0)),
                            ("mixtral", dict(num_experts_per_tok=1))]:
         path = family_dir(family)

@@ -108,7 +108,7 @@ def test_a_ready_4d_mask_needs_positions_and_equals_the_2d_mask(tiny_model_dir):
               | torch.eye(6, dtype=torch.bool))[:, None]  # (B, 1, T, S), the diagonal keeps pad rows finite
     positions = (mask2d.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        got = model(ids, mask4d, positions=positions)
+        got = model(ids, mask=mask4d, positions=positions)
         torch.testing.assert_close(got, model(ids, mask2d), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs positions"):
-        model(ids, mask4d)
+        model(ids, mask=mask4d)
