@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.errors import UserError, error_line, is_user_error
+from finetune.errors import UserError, report
+from finetune.errors import is_user_error as is_user_error  # the rule report() applies (tests pin it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_eval(cfg, adapter=args.adapter, baseline=args.baseline, output_dir=args.output,
                            progress=not args.no_progress)
     except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return report(e)
     print(format_table(metrics))
     print(f"\nwrote {metrics['files']['report']} (and predictions.jsonl, metrics.json, plots/)")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.errors import error_line, is_user_error
+from finetune.errors import report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -325,7 +325,7 @@ def _check_lora(cfg: RunConfig, source: str) -> None:
     inside a repeat), checked at load."""
     lora_cfg = cfg.lora
     try:
-        check_hyperparameters(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, prefix="lora.")
+        check_hyperparameters(r=lora_cfg.r, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout, prefix="lora.")
     except LoRAError as e:
         raise UserError(f"{source}: {e}") from None
     if isinstance(lora_cfg.targets, str) and lora_cfg.targets != "all-linear":

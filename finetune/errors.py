@@ -6,6 +6,8 @@ counts as the user's to fix: it is the size of the run against the machine, and 
 (smaller batches, checkpointing, ...) is what helps, not a traceback.
 """
 
+import sys
+
 OUR_PACKAGES = ("finetune", "llama", "lora", "quant")
 
 # What running out of memory looks like: Python's MemoryError (also safetensors' failed mmap), torch's
@@ -56,3 +58,14 @@ def error_line(err: BaseException) -> str:
         detail = detail if len(detail) <= _DETAIL_CHARS else detail[:_DETAIL_CHARS - 3] + "..."
         return f"error: out of memory ({type(err).__name__}: {detail or 'no detail'}); {OUT_OF_MEMORY_ADVICE}"
     return "error: " + " ".join(str(err).split())
+
+
+def report(err: Exception, *, show: bool = True) -> int:
+    """What a CLI does with an exception it caught: a user error is printed as its one line (where
+    `show`: only rank 0 of a distributed run speaks) and gives exit code 2; anything else is a bug and is
+    raised again, traceback and all."""
+    if not is_user_error(err):
+        raise err
+    if show:
+        print(error_line(err), file=sys.stderr)
+    return 2

@@ -67,7 +67,8 @@ def load_model(cfg: RunConfig, for_training: bool = True, log: Log | None = prin
     if cfg.model.prequantized is not None:
         with torch.device("meta"):
             skeleton = llama.Llama(llama.LlamaConfig.from_hf(cfg.model.path))
-        model = quant.load_quantized(skeleton, cfg.model.prequantized, quant_config(cfg, dtype), device)
+        model = quant.load_quantized(skeleton, cfg.model.prequantized, quant_config(cfg, dtype),
+                                     device=device)
         model = model if isinstance(model, nn.Module) else skeleton
         model.model.rotary_emb.reset(device)  # the fp32 RoPE table, whatever the file stored
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +19,16 @@ import torch
 from .model import KVCache, Llama
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy when temperature <= 0, else a draw after top-k / top-p."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """fp32 logits (B, V) divided by temperature, with tokens outside top-k / top-p set to -inf.
 
@@ -39,16 +49,16 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V): argmax if temperature <= 0, else a seeded draw."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def decode_step(model: Llama, tokens: torch.Tensor, attention_mask: torch.Tensor,
+def decode_step(model: Llama, tokens: torch.Tensor, *, attention_mask: torch.Tensor,
                 kv_caches: list[KVCache], input_pos: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) of the last position of `tokens` (B, T) written at cache slots `input_pos`."""
     hidden = model(tokens, attention_mask=attention_mask, hidden_only=True, kv_caches=kv_caches,
@@ -56,7 +66,7 @@ def decode_step(model: Llama, tokens: torch.Tensor, attention_mask: torch.Tensor
     return model.lm_head(hidden[:, -1]).float()
 
 
-def _decode_one(model: Llama, token: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
+def _decode_one(model: Llama, token: torch.Tensor, *, real: torch.Tensor, positions: torch.Tensor,
                 keys: torch.Tensor, kv_caches: list[KVCache], slot: torch.Tensor) -> torch.Tensor:
     """One decode step from the per-batch tables: fp32 logits (B, V) of `token` (B, 1) at `slot` (1,).
 
@@ -76,7 +86,7 @@ def compiled_decode_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return torch.compile(_decode_one, fullgraph=True, dynamic=False, mode=mode)
 
 
-def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
+def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, eos_id: int | Sequence[int] | None = None,
                  pad_id: int | None = None, batch_size: int | None = None,
@@ -110,6 +120,7 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
     step_fn = compiled_decode_step(device) if compile else _decode_one
+    sampling = Sampling(temperature, top_k, top_p)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     batch_size = batch_size or len(order)
     # One cache length for every batch of the call (rounded up to 64 slots), so a compiled step
@@ -128,9 +139,10 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
         with torch.no_grad(), limit:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                new = _generate_batch(model, [list(prompt_ids[i]) for i in rows], max_new_tokens,
-                                      (temperature, top_k, top_p, generator), eos, pad, stop_fn, step_fn,
-                                      slots, check_every)
+                new = _generate_batch(model, [list(prompt_ids[i]) for i in rows],
+                                      max_new_tokens=max_new_tokens, sampling=sampling, generator=generator,
+                                      eos=eos, pad=pad, stop_fn=stop_fn, step_fn=step_fn, slots=slots,
+                                      check_every=check_every)
                 for i, ids in zip(rows, new):
                     results[i] = ids
                 if progress is not None:
@@ -140,9 +152,10 @@ def generate_ids(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_toke
     return results
 
 
-def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int, sampling: tuple[Any, ...],
-                    eos: list[int], pad: int, stop_fn: Callable[[list[int]], bool] | None,
-                    step_fn: Callable[..., torch.Tensor], slots: int, check_every: int) -> list[list[int]]:
+def _generate_batch(model: Llama, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling,
+                    generator: torch.Generator | None, eos: list[int], pad: int,
+                    stop_fn: Callable[[list[int]], bool] | None, step_fn: Callable[..., torch.Tensor],
+                    slots: int, check_every: int) -> list[list[int]]:
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     device = model.model.embed_tokens.weight.device
@@ -166,7 +179,8 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
 
     # Prefill: one forward over the prompts, logits only at the last slot.
-    logits = decode_step(model, ids, real.long(), caches, torch.arange(P, device=device))
+    logits = decode_step(model, ids, attention_mask=real.long(), kv_caches=caches,
+                         input_pos=torch.arange(P, device=device))
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     live = torch.arange(B, device=device)  # row of `out` that each row of the running batch fills
@@ -175,7 +189,8 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
     checked = 0  # steps whose tokens stop_fn has seen
     step = 0
     for step in range(max_new_tokens):
-        nxt = sample(logits, *sampling)
+        nxt = sample(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                     generator=generator)
         nxt = torch.where(done, pad, nxt)  # a finished row (kept to fill a batch size) writes padding
         out[live, step] = nxt
         done |= torch.isin(nxt, eos_t)
@@ -184,7 +199,8 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
         if (step + 1) % check_every == 0:
             # The only place the host waits for the device: every `check_every` steps.
             if stop_fn is not None:
-                _apply_stop_fn(out, live, done, stop_fn, checked, step + 1, stopped_at)
+                _apply_stop_fn(out, live, done, stop_fn=stop_fn, checked=checked, upto=step + 1,
+                               stopped_at=stopped_at)
                 checked = step + 1
             finished = done.tolist()
             if all(finished):
@@ -200,10 +216,11 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
                 real, positions, done, live, nxt = (t.index_select(0, sel) for t in (real, positions, done,
                                                                                      live, nxt))
         slot += 1
-        logits = step_fn(model, nxt[:, None], real, positions, keys, caches, slot)
+        logits = step_fn(model, nxt[:, None], real=real, positions=positions, keys=keys, kv_caches=caches,
+                         slot=slot)
     if stop_fn is not None and checked < step + 1:
         _apply_stop_fn(out, torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device),
-                       stop_fn, checked, step + 1, stopped_at)
+                       stop_fn=stop_fn, checked=checked, upto=step + 1, stopped_at=stopped_at)
 
     result = []
     for r, row in enumerate(out[:, :step + 1].tolist()):
@@ -212,7 +229,7 @@ def _generate_batch(model: Llama, prompts: list[list[int]], max_new_tokens: int,
     return result
 
 
-def _apply_stop_fn(out: torch.Tensor, live: torch.Tensor, done: torch.Tensor,
+def _apply_stop_fn(out: torch.Tensor, live: torch.Tensor, done: torch.Tensor, *,
                    stop_fn: Callable[[list[int]], bool], checked: int, upto: int,
                    stopped_at: dict[int, int]) -> None:
     """Ask `stop_fn` about every prefix made since the last look; mark the rows it ends as done.
@@ -245,7 +262,7 @@ def _rows_to_keep(finished: list[bool]) -> list[int] | None:
     return sorted(alive + filler)
 
 
-def generate(model: Llama, tok: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+def generate(model: Llama, tok: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
              stop: str | Sequence[str] | None = None, batch_size: int = 8, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_at_eos: bool = True, compile: bool = False) -> list[str]:

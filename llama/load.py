@@ -35,7 +35,7 @@ _CONVERT = ("convert it once with transformers: AutoModelForCausalLM.from_pretra
             ".save_pretrained(dir, safe_serialization=True)")
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
+def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str | None = torch.float32,
                     linear_hook: LinearHook | None = None) -> Llama:
     """Load a HF Llama directory (config.json + safetensors) into a `Llama`, returned in eval mode.
@@ -57,8 +57,8 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu",
     dtype = _resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = Llama(cfg)
-    _check_headers(model, shapes, where, path)
-    _stream(model, where, device, dtype, linear_hook)
+    _check_headers(model, shapes=shapes, where=where, path=path)
+    _stream(model, where, device=device, dtype=dtype, hook=linear_hook)
     model.model.rotary_emb.reset(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # unreachable after _check_headers; kept so a bug can never return a half-empty model
@@ -263,7 +263,7 @@ def _check_counts(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
                         "incomplete")
 
 
-def _check_headers(model: Llama, shapes: dict[str, tuple[int, ...]], where: dict[str, Path],
+def _check_headers(model: Llama, *, shapes: dict[str, tuple[int, ...]], where: dict[str, Path],
                    path: Path) -> None:
     """Names and shapes from the headers only, before any tensor data is read."""
     expected = _expected(model)
@@ -283,7 +283,7 @@ def _check_headers(model: Llama, shapes: dict[str, tuple[int, ...]], where: dict
                             f"{list(expected[name])} from config.json; the config does not match the weights")
 
 
-def _stream(model: Llama, where: dict[str, Path], device: torch.device, dtype: torch.dtype,
+def _stream(model: Llama, where: dict[str, Path], *, device: torch.device, dtype: torch.dtype,
             hook: LinearHook | None) -> None:
     cfg = model.config
     names = sorted((n for n in where if not _ignored(n, cfg)), key=lambda n: (str(where[n]), n))
@@ -305,16 +305,16 @@ def _stream(model: Llama, where: dict[str, Path], device: torch.device, dtype: t
             got[attr] = t
             if "weight" in got and ("bias" in got or module.bias is None):
                 del pending[module_path]
-                _finish_linear(model, module_path, module, got, hook)
+                _finish_linear(model, module_path, module, tensors=got, hook=hook)
         else:
             setattr(module, attr, nn.Parameter(t))
             if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
                 model.tie_weights()
-                _finish_linear(model, "lm_head", model.lm_head, {}, hook)
+                _finish_linear(model, "lm_head", model.lm_head, tensors={}, hook=hook)
         del t, module  # the replaced full-precision linear must not outlive this iteration
 
 
-def _finish_linear(model: Llama, path: str, linear: nn.Linear, tensors: dict[str, torch.Tensor],
+def _finish_linear(model: Llama, path: str, linear: nn.Linear, *, tensors: dict[str, torch.Tensor],
                    hook: LinearHook | None) -> None:
     """Give the meta linear its real tensors, let the hook replace it, drop our references."""
     for attr, t in tensors.items():

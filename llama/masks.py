@@ -58,10 +58,10 @@ def attention_masks(*, batch: int, slots: torch.Tensor, n_keys: int, cached: boo
         mask = (keys <= slots[:, None])[None, None]
     if positions is None:
         positions = slots[None].expand(batch, slots.numel())
-    return AttentionMasks(mask, _sliding(mask, slots, n_keys, window), positions)
+    return AttentionMasks(mask, _sliding(mask, slots=slots, n_keys=n_keys, window=window), positions)
 
 
-def _sliding(mask: torch.Tensor | None, slots: torch.Tensor, n_keys: int,
+def _sliding(mask: torch.Tensor | None, *, slots: torch.Tensor, n_keys: int,
              window: int | None) -> torch.Tensor | None:
     """`mask` (or plain causal) and key > query - window, as transformers' sliding_window_overlay.
 

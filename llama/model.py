@@ -146,7 +146,7 @@ class KVCache(nn.Module):
     slots not written yet hold zeros and are masked out by the causal mask over slots.
     """
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, batch_size: int, max_seq_len: int, *, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -182,7 +182,7 @@ class LlamaAttention(nn.Module):
         self.sliding = cfg.is_sliding(layer)
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -351,16 +351,16 @@ class LlamaDecoderLayer(nn.Module):
             self.post_attention_layernorm = make_norm(cfg)
         self.resid_pdrop = cfg.resid_pdrop
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         ffn = self.block_sparse_moe if self.moe else self.mlp
         if self.parallel:  # Phi: both branches read the same normed input, summed as transformers does
             h = self.input_layernorm(x)
-            a, m = self.self_attn(h, cos, sin, mask, cache, input_pos), ffn(h)
+            a, m = self.self_attn(h, cos, sin, mask=mask, cache=cache, input_pos=input_pos), ffn(h)
             if self.resid_pdrop and self.training:
                 a, m = F.dropout(a, self.resid_pdrop), F.dropout(m, self.resid_pdrop)
             return a + m + x
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, input_pos=input_pos)
         return x + ffn(self.post_attention_layernorm(x))
 
 
@@ -407,12 +407,13 @@ class Llama(nn.Module):
         """Share the embedding matrix with the head (one Parameter, two module paths)."""
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def make_kv_caches(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+    def make_kv_caches(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> list[KVCache]:
         emb = self.model.embed_tokens.weight
         cfg = self.config
-        return [KVCache(batch_size, max_seq_len, cfg.num_key_value_heads, cfg.head_dim,
-                        dtype or emb.dtype, device or emb.device) for _ in range(cfg.num_hidden_layers)]
+        return [KVCache(batch_size, max_seq_len, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                        dtype=dtype or emb.dtype, device=device or emb.device)
+                for _ in range(cfg.num_hidden_layers)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 hidden_only: bool = False, kv_caches: list[KVCache] | None = None,
@@ -437,7 +438,7 @@ class Llama(nn.Module):
         cos, sin = self.model.rotary_emb(masks.positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             cache = kv_caches[i] if kv_caches is not None else None
-            x = self._run_layer(layer, x, cos, sin, masks, cache, input_pos)
+            x = self._run_layer(layer, x, rope=(cos, sin), masks=masks, cache=cache, input_pos=input_pos)
         x = self.model.final_norm(x)
         return x if hidden_only else self.lm_head(x)
 
@@ -451,14 +452,14 @@ class Llama(nn.Module):
             x = F.dropout(x, cfg.embd_pdrop)
         return x
 
-    def _run_layer(self, layer: LlamaDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   masks: AttentionMasks, cache: KVCache | None, input_pos: torch.Tensor | None
-                   ) -> torch.Tensor:
+    def _run_layer(self, layer: LlamaDecoderLayer, x: torch.Tensor, *,
+                   rope: tuple[torch.Tensor, torch.Tensor], masks: AttentionMasks, cache: KVCache | None,
+                   input_pos: torch.Tensor | None) -> torch.Tensor:
         mask = masks.sliding if layer.self_attn.sliding else masks.full
         if cache is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant: works with frozen inputs, LoRA params and 4-bit bases alike.
-            return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-        return layer(x, cos, sin, mask, cache, input_pos)
+            return checkpoint(layer, x, *rope, mask=mask, use_reentrant=False)
+        return layer(x, *rope, mask=mask, cache=cache, input_pos=input_pos)
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

@@ -133,9 +133,9 @@ class _TokenizersJson:
 class Tokenizer:
     """A Llama tokenizer: `encode`, `encode_batch`, `decode`, the special ids and the chat template."""
 
-    def __init__(self, sp: spm.SentencePieceProcessor | None, bos_id: int | None, eos_id: int,
+    def __init__(self, sp: spm.SentencePieceProcessor | None, *, bos_id: int | None, eos_id: int,
                  unk_id: int | None, pad_id: int, added: dict[int, str] | None = None,
-                 source: str = "<memory>", *, backend: _SentencePiece | _TokenizersJson | None = None,
+                 source: str = "<memory>", backend: _SentencePiece | _TokenizersJson | None = None,
                  add_bos: bool = True, chat_template: str | None = None,
                  stop_ids: Sequence[int] = ()) -> None:
         self.backend = backend if backend is not None else _SentencePiece(sp)
@@ -271,7 +271,7 @@ def _from_sentencepiece(model_file: Path, folder: Path | None) -> Tokenizer:
                                     "eos_token": _piece_or_none(sp, sp.eos_id()),
                                     "pad_token": _piece_or_none(sp, sp.pad_id())}
     added, cfg = _read_configs(folder, names)
-    ids = _resolve_all(backend, added, names, folder or model_file, model_file.name)
+    ids = _resolve_all(backend, added, names=names, where=folder or model_file, model_name=model_file.name)
     for key in ("unk_token", "bos_token", "eos_token"):
         if ids[key] is None:
             raise TokenizerError(f"{model_file} defines no {key} and no tokenizer_config.json names one: "
@@ -303,7 +303,7 @@ def _from_json(json_file: Path, folder: Path | None) -> Tokenizer:
     backend = _TokenizersJson(hf, specials)
     names: dict[str, str | None] = dict.fromkeys(SPECIAL_KEYS)
     added, cfg = _read_configs(folder, names)
-    ids = _resolve_all(backend, added, names, folder or json_file, json_file.name)
+    ids = _resolve_all(backend, added, names=names, where=folder or json_file, model_name=json_file.name)
     fallback = _config_ids(folder)
     for key in SPECIAL_KEYS:
         if ids[key] is None and fallback.get(key) is not None:
@@ -395,7 +395,7 @@ def _read_configs(folder: Path | None, names: dict[str, str | None]) -> tuple[di
     return added, first
 
 
-def _resolve_all(backend: _SentencePiece | _TokenizersJson, added: dict[int, str],
+def _resolve_all(backend: _SentencePiece | _TokenizersJson, added: dict[int, str], *,
                  names: dict[str, str | None], where: Path, model_name: str) -> dict[str, int | None]:
     by_name = {name: i for i, name in added.items()}
     out: dict[str, int | None] = {}
@@ -433,7 +433,7 @@ def _generation_stop_ids(folder: Path | None) -> list[int]:
     return _token_ids(_read_json(folder / ID_FILES[0]), "eos_token_id", folder / ID_FILES[0])
 
 
-def _token_ids(cfg: dict[str, Any], key: str, file: Path, negative_ok: bool = False) -> list[int]:
+def _token_ids(cfg: dict[str, Any], key: str, file: Path, *, negative_ok: bool = False) -> list[int]:
     """`cfg[key]` as HF writes a token id: null, an id, or a list of ids (ids are integers >= 0).
     Anything else is refused, naming the value: `[2, "x", null]` used to reach generation, where
     sorting the stop ids raised a TypeError."""

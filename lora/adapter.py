@@ -120,8 +120,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 task_type: str | None = "CAUSAL_LM") -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) into `out_dir`.
 
     `PeftModel.from_pretrained(hf_model, out_dir)` loads the result. Each file is written to a

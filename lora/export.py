@@ -97,7 +97,7 @@ def _export_dtype(config: dict, dtype: torch.dtype | None) -> torch.dtype:
     return _DTYPES[name]
 
 
-def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, base_dir: str | os.PathLike,
+def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, base_dir: str | os.PathLike, *,
                      dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` with its LoRA merged as a plain HF model dir that transformers and llama load.
 

@@ -203,7 +203,7 @@ def _set_child(model: nn.Module, path: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def inject(model: nn.Module, targets: str | Sequence[str] = DEFAULT_TARGETS, r: int = 16,
+def inject(model: nn.Module, targets: str | Sequence[str] = DEFAULT_TARGETS, *, r: int = 16,
            alpha: float = 32, dropout: float = 0.05, use_rslora: bool = False,
            dtype: torch.dtype = torch.float32) -> InjectStats:
     """Wrap every targeted linear of `model` in a `LoRALinear` (in place) and freeze everything else.

@@ -46,7 +46,7 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
-def check_hyperparameters(r: int, alpha: float, dropout: float, prefix: str = "") -> None:
+def check_hyperparameters(*, r: int, alpha: float, dropout: float, prefix: str = "") -> None:
     """The rules every adapter obeys (run configs are checked against these too): rank r a positive
     integer, alpha > 0, dropout in [0, 1). Raise ``LoRAError`` "<prefix><name> must be ..., got ..."."""
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
@@ -64,10 +64,10 @@ class LoRALinear(nn.Module):
     cost little memory and keep AdamW's updates from being rounded away in bf16.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        check_hyperparameters(r, alpha, dropout, prefix="LoRA ")
+        check_hyperparameters(r=r, alpha=alpha, dropout=dropout, prefix="LoRA ")
         in_features = getattr(base, "in_features", None)
         out_features = getattr(base, "out_features", None)
         if not isinstance(in_features, int) or not isinstance(out_features, int):

@@ -110,7 +110,7 @@ class _Dequant4bitLinear(torch.autograd.Function):
     copy), so activation memory is that of x alone, as with a dense layer under checkpointing.
     """
 
-    @staticmethod
+    @staticmethod  # positional parameters: autograd.Function.apply passes no keywords
     def forward(ctx, x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None,  # noqa: ANN001
                 dtype: torch.dtype) -> torch.Tensor:
         ctx.packed, ctx.dtype, ctx.x_dtype = packed, dtype, x.dtype
@@ -132,7 +132,7 @@ class _Dequant4bitLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def linear_4bit(x: torch.Tensor, weight: Params4bit | Packed4bit, bias: torch.Tensor | None,
+def linear_4bit(x: torch.Tensor, weight: Params4bit | Packed4bit, bias: torch.Tensor | None, *,
                 dtype: torch.dtype) -> torch.Tensor:
     """x @ dequant(weight)^T + bias, computed and returned in `dtype`. Swap this for a fused kernel.
 
@@ -193,7 +193,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         dtype = self.compute_dtype or x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        return linear_4bit(x, self.packed, self.bias, dtype)
+        return linear_4bit(x, self.packed, self.bias, dtype=dtype)
 
     def extra_repr(self) -> str:
         qs = self.weight.quant_state

@@ -61,7 +61,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, qc: QuantConfig) -> Pa
     return out
 
 
-def load_quantized(skeleton: nn.Module, in_dir: str | Path, qc: QuantConfig,
+def load_quantized(skeleton: nn.Module, in_dir: str | Path, qc: QuantConfig, *,
                    device: str | torch.device = "cpu") -> nn.Module:
     """Fill a meta-device `skeleton` from a `save_quantized` directory; returns it in eval mode.
 
@@ -86,8 +86,8 @@ def load_quantized(skeleton: nn.Module, in_dir: str | Path, qc: QuantConfig,
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             keys = set(f.keys())
-            used = _load_4bit(skeleton, linears, wanted, f, keys, qc, device, file)
-            used |= _load_dense(skeleton, f, keys, qc, device, file)
+            used = _load_4bit(skeleton, linears, wanted, f=f, keys=keys, qc=qc, device=device, file=file)
+            used |= _load_dense(skeleton, f, keys, qc=qc, device=device, file=file)
     except SafetensorError as e:
         raise QuantError(f"{file} is not a readable safetensors file ({e}); {_REQUANTISE}") from e
     if keys - used:
@@ -128,7 +128,7 @@ def _set(root: nn.Module, path: str, value: Any) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, value)
 
 
-def _load_4bit(skeleton: nn.Module, linears: dict[str, nn.Linear], names: list[str], f: Any,
+def _load_4bit(skeleton: nn.Module, linears: dict[str, nn.Linear], names: list[str], *, f: Any,
                keys: set[str], qc: QuantConfig, device: torch.device, file: Path) -> set[str]:
     used: set[str] = set()
     for name in names:
@@ -150,14 +150,14 @@ def _load_4bit(skeleton: nn.Module, linears: dict[str, nn.Linear], names: list[s
                              "model's")
         bias = None
         if linears[name].bias is not None:
-            bias = _dense(f, keys, f"{name}.bias", linears[name].bias, device, file)
+            bias = _dense(f, keys, f"{name}.bias", like=linears[name].bias, device=device, file=file)
             used.add(f"{name}.bias")
         _set(skeleton, name, Linear4bit.from_params(weight, bias, qc.compute_dtype))
         used |= {f"{name}.weight", *stat_keys}
     return used
 
 
-def _dense(f: Any, keys: set[str], name: str, like: torch.Tensor, device: torch.device, file: Path,
+def _dense(f: Any, keys: set[str], name: str, *, like: torch.Tensor, device: torch.device, file: Path,
            dtype: torch.dtype | None = None) -> torch.Tensor:
     if name not in keys:
         raise QuantError(f"{file} lacks tensor {name}; the skeleton's config differs from the saved model's, "
@@ -170,7 +170,7 @@ def _dense(f: Any, keys: set[str], name: str, like: torch.Tensor, device: torch.
     return t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype, copy=True)
 
 
-def _load_dense(skeleton: nn.Module, f: Any, keys: set[str], qc: QuantConfig, device: torch.device,
+def _load_dense(skeleton: nn.Module, f: Any, keys: set[str], *, qc: QuantConfig, device: torch.device,
                 file: Path) -> set[str]:
     """Every parameter and buffer still on meta; tied parameters get one shared tensor."""
     used: set[str] = set()
@@ -181,13 +181,15 @@ def _load_dense(skeleton: nn.Module, f: Any, keys: set[str], qc: QuantConfig, de
     for names in groups.values():
         present = [n for n in names if n in keys] or names
         like = skeleton.get_parameter(names[0])
-        param = nn.Parameter(_dense(f, keys, present[0], like, device, file, qc.compute_dtype),
+        param = nn.Parameter(_dense(f, keys, present[0], like=like, device=device, file=file,
+                                    dtype=qc.compute_dtype),
                              requires_grad=like.requires_grad)
         for n in names:
             _set(skeleton, n, param)
         used |= {n for n in names if n in keys}
     for name, b in list(skeleton.named_buffers(remove_duplicate=False)):
         if b.is_meta:
-            _set(skeleton, name, _dense(f, keys, name, b, device, file))  # buffers keep their saved dtype
+            # buffers keep their saved dtype
+            _set(skeleton, name, _dense(f, keys, name, like=b, device=device, file=file))
             used.add(name)
     return used

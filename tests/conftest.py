@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -41,6 +42,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@functools.cache
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run here (e.g. no C++ compiler for inductor), or None: probed once."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001 -- any failure means "unavailable on this machine"
+        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:200]
+    return None
+
+
+@pytest.fixture
+def compiler():
+    """Skips the test (with the reason) where torch.compile cannot run; else a fresh dynamo state."""
+    reason = compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    torch._dynamo.reset()
 
 
 @pytest.fixture

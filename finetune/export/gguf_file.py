@@ -116,7 +116,7 @@ class PlannedTensor:
     qtype: Any  # gguf.GGMLQuantizationType
 
 
-def _convert(t: torch.Tensor, hf_name: str | None, arch: str, cfg: Any) -> torch.Tensor:
+def _convert(t: torch.Tensor, hf_name: str | None, arch: str, *, cfg: Any) -> torch.Tensor:
     t = t.detach().to(device="cpu", dtype=torch.float32)
     if arch in _PERMUTED and hf_name is not None:
         if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
@@ -230,7 +230,7 @@ def _bpe_vocab(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[i
     return tokens, types, merges
 
 
-def add_tokenizer(writer: Any, tok: Any, model_dir: Path, vocab_size: int) -> str:
+def add_tokenizer(writer: Any, tok: Any, model_dir: Path, *, vocab_size: int) -> str:
     """Write the vocabulary, special ids, add-BOS and chat template; returns the tokenizer model name."""
     model_file = Path(tok.source)
     if model_file.name == "tokenizer.model":
@@ -318,8 +318,8 @@ def add_architecture(writer: Any, cfg: Any, name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # the file
-def plan_tensors(names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], arch: str, cfg: Any, gguf_type: str
-                 ) -> list[PlannedTensor]:
+def plan_tensors(names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], arch: str, cfg: Any, *,
+                 gguf_type: str) -> list[PlannedTensor]:
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
@@ -333,7 +333,7 @@ def plan_tensors(names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], arch: 
     return plan
 
 
-def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], cfg: Any, tok: Any,
+def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]], cfg: Any, *, tok: Any,
                model_dir: Path, gguf_type: str, name: str = "model",
                progress: Callable[[int, int, str], None] | None = None) -> int:
     """Write the GGUF to ``path`` (which must not exist yet); returns the number of tensors written.
@@ -345,14 +345,14 @@ def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tenso
     check_gguf_type(gguf_type)
     arch = arch_of(cfg.model_type)
     shapes = [(n, tuple(t.shape)) for n, t in tensors()]
-    plan = plan_tensors(shapes, arch, cfg, gguf_type)
+    plan = plan_tensors(shapes, arch, cfg, gguf_type=gguf_type)
     rope = rope_freq_factors(cfg)
 
     writer = gguf.GGUFWriter(path=None, arch=arch)
     add_architecture(writer, cfg, name)
     writer.add_file_type(_file_type(gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(writer, tok, model_dir, cfg.vocab_size)
+    add_tokenizer(writer, tok, model_dir, vocab_size=cfg.vocab_size)
 
     shape_of = dict(shapes)
     for p in plan:
@@ -371,7 +371,7 @@ def write_gguf(path: Path, tensors: Callable[[], Iterator[tuple[str, torch.Tenso
             done += 1
         for hf_name, t in tensors():
             p = by_name[hf_name]
-            writer.write_tensor_data(_encode(_convert(t, hf_name, arch, cfg), p.qtype))
+            writer.write_tensor_data(_encode(_convert(t, hf_name, arch, cfg=cfg), p.qtype))
             done += 1
             if progress is not None:
                 progress(done, len(plan), p.name)

@@ -73,7 +73,7 @@ def check_output(output: Path, fmt: str, force: bool) -> list[Path]:
     return targets
 
 
-def run_export(cfg: RunConfig, fmt: str, output: str, adapter: str | None = None,
+def run_export(cfg: RunConfig, fmt: str, output: str, *, adapter: str | None = None,
                gguf_type: str | None = None, force: bool = False, progress: bool = True,
                log: Log = print) -> Path:
     """Write the export; returns its path (a directory for hf, the .gguf file for gguf)."""
@@ -94,12 +94,13 @@ def run_export(cfg: RunConfig, fmt: str, output: str, adapter: str | None = None
     model = load_for_eval(cfg, model_path, adapter_dir)
     what = f"{model_path}" + (f" + {adapter_dir}" if adapter_dir else "")
     if fmt == "hf":
-        _write_hf(model, Path(model_path), out, force)
+        _write_hf(model, Path(model_path), out, force=force)
         log(f"wrote {out} (HF model directory, {_human(_size(out))}) from {what} in "
             f"{time.perf_counter() - t0:.1f} s")
         return out
     name = Path(model_path).name + (f"+{adapter_dir.name}" if adapter_dir else "")
-    n = _write_gguf(model, mcfg, tok, Path(model_path), out, gguf_type, name, progress)
+    n = _write_gguf(model, mcfg, tok, base_dir=Path(model_path), out=out, gguf_type=gguf_type, name=name,
+                            progress=progress)
     modelfile = out.parent / "Modelfile"
     files.guarded(lambda: files.write_text_atomic(modelfile, ollama.modelfile_text(out.name, tok, cfg.data)),
                   f"write {modelfile}", "free space or choose another --output")
@@ -113,7 +114,7 @@ def _ollama_name(out: Path) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in out.stem.lower()) or "model"
 
 
-def _write_hf(model: Any, base_dir: Path, out: Path, force: bool) -> None:
+def _write_hf(model: Any, base_dir: Path, out: Path, *, force: bool) -> None:
 
 
     tmp = files.make_temp_dir(out.parent, out.name)
@@ -145,7 +146,7 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
 
 
-def _write_gguf(model: Any, mcfg: Any, tok: Any, base_dir: Path, out: Path, gguf_type: str, name: str,
+def _write_gguf(model: Any, mcfg: Any, tok: Any, *, base_dir: Path, out: Path, gguf_type: str, name: str,
                 progress: bool) -> int:
 
 
@@ -158,8 +159,8 @@ def _write_gguf(model: Any, mcfg: Any, tok: Any, base_dir: Path, out: Path, gguf
         bar.update(1)
 
     try:
-        n = gguf_file.write_gguf(tmp, lambda: _merged_tensors(model, torch.float32), mcfg, tok, base_dir,
-                                 gguf_type, name=name, progress=step)
+        n = gguf_file.write_gguf(tmp, lambda: _merged_tensors(model, torch.float32), mcfg, tok=tok,
+                                 model_dir=base_dir, gguf_type=gguf_type, name=name, progress=step)
         bar.close()
         files.fsync_path(tmp)
         _replace(tmp, out, True)

@@ -126,11 +126,12 @@ def test_sentencepiece_tokenizer_with_chat_is_one_clear_line(tokenizer_dir: Path
 
 def test_broken_template_is_one_clear_line(smol, tmp_path: Path) -> None:
     ours, _ = smol
-    ours_copy = Tokenizer(None, ours.bos_id, ours.eos_id, ours.unk_id, ours.pad_id, source="broken",
+    ids = dict(bos_id=ours.bos_id, eos_id=ours.eos_id, unk_id=ours.unk_id, pad_id=ours.pad_id)
+    ours_copy = Tokenizer(None, **ids, source="broken",
                           backend=ours.backend, add_bos=False, chat_template="{% for m in messages %}")
     with pytest.raises(UserError, match="not valid jinja"):
         templates.prompt_ids(ours_copy, _cfg(None, ""), "ciao")
-    raising = Tokenizer(None, ours.bos_id, ours.eos_id, ours.unk_id, ours.pad_id, source="raising",
+    raising = Tokenizer(None, **ids, source="raising",
                         backend=ours.backend, add_bos=False,
                         chat_template="{{ raise_exception('only user and assistant roles') }}")
     with pytest.raises(UserError, match="failed to render.*only user and assistant roles"):

@@ -143,7 +143,7 @@ def _tokenizer_gguf(model_dir: Path, out: Path) -> Path:
     path = out / "tok.gguf"
     writer = gguf.GGUFWriter(path, gguf_file.arch_of(cfg.model_type))
     gguf_file.add_architecture(writer, cfg, "tok")
-    gguf_file.add_tokenizer(writer, tok, model_dir, cfg.vocab_size)
+    gguf_file.add_tokenizer(writer, tok, model_dir, vocab_size=cfg.vocab_size)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import llama
 
 
-@functools.cache
-def compile_unavailable() -> str | None:
-    """Why torch.compile cannot run here (e.g. no C++ compiler for inductor), or None."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
-    except Exception as e:  # noqa: BLE001 -- any failure means "unavailable on this machine"
-        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:200]
-    return None
-
-
 @pytest.fixture
-def one_layer_dir(make_checkpoint):
-    reason = compile_unavailable()
-    if reason:
-        pytest.skip(reason)
-    torch._dynamo.reset()
+def one_layer_dir(make_checkpoint, compiler):
     return make_checkpoint(num_hidden_layers=1, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})

@@ -33,10 +33,12 @@ def test_kv_cache_decode_equals_full_forward(tiny_model_dir):
     caches = model.make_kv_caches(B, P + steps)
     with torch.no_grad():
         reference = model(full_ids, attention_mask=full_mask)  # no cache: one causal forward
-        logits = decode_step(model, ids, full_mask, caches, torch.arange(P))
+        logits = decode_step(model, ids, attention_mask=full_mask, kv_caches=caches,
+                             input_pos=torch.arange(P))
         torch.testing.assert_close(logits, reference[:, P - 1], rtol=0, atol=1e-5)
         for s in range(steps - 1):
-            logits = decode_step(model, follow[:, s:s + 1], full_mask, caches, torch.tensor([P + s]))
+            logits = decode_step(model, follow[:, s:s + 1], attention_mask=full_mask, kv_caches=caches,
+                                 input_pos=torch.tensor([P + s]))
             torch.testing.assert_close(logits, reference[:, P + s], rtol=0, atol=1e-5)
 
 
@@ -111,7 +113,8 @@ def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
         expected = TopKLogitsWarper(top_k)(None, expected)
     if top_p:
         expected = TopPLogitsWarper(top_p)(None, expected)
-    torch.testing.assert_close(filter_logits(logits, temperature, top_k, top_p), expected, rtol=0, atol=1e-6)
+    got = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_sampling_follows_the_filtered_distribution():
@@ -119,7 +122,7 @@ def test_sampling_follows_the_filtered_distribution():
     gen = torch.Generator().manual_seed(0)
     draws = sample(logits, temperature=1.0, top_k=4, generator=gen)
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
-    want = filter_logits(logits[:1], 1.0, 4).softmax(-1)[0]
+    want = filter_logits(logits[:1], temperature=1.0, top_k=4).softmax(-1)[0]
     assert freq[4:].sum() == 0
     torch.testing.assert_close(freq, want, rtol=0, atol=0.015)
 

@@ -207,21 +207,15 @@ def _expect_one_line(path: Path, words: list[str], **kwargs) -> None:
     assert all(w in msg for w in words), msg
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_checkpoint_single_file(case, tiny_model_dir, tmp_path):
-    path = Path(shutil.copytree(tiny_model_dir, tmp_path / "ckpt"))
-    corrupt, words = BAD[case]
+@pytest.mark.parametrize("layout, case", [("tiny_model_dir", c) for c in BAD]
+                         + [("tiny_sharded_model_dir", c) for c in SHARDED_BAD])
+def test_bad_checkpoint(layout, case, request, tmp_path):
+    """Single-file (BAD) and sharded (SHARDED_BAD) checkpoints corrupted one way each: one line, no pickle."""
+    path = Path(shutil.copytree(request.getfixturevalue(layout), tmp_path / "ckpt"))
+    corrupt, words = (BAD if layout == "tiny_model_dir" else SHARDED_BAD)[case]
     corrupt(path)
     _expect_one_line(path, words)
     assert not (path / "UNPICKLED").exists()
-
-
-@pytest.mark.parametrize("case", list(SHARDED_BAD))
-def test_bad_checkpoint_sharded(case, tiny_sharded_model_dir, tmp_path):
-    path = Path(shutil.copytree(tiny_sharded_model_dir, tmp_path / "ckpt"))
-    corrupt, words = SHARDED_BAD[case]
-    corrupt(path)
-    _expect_one_line(path, words)
 
 
 def test_missing_dir_and_bad_dtype(tmp_path, tiny_model_dir):

@@ -119,7 +119,7 @@ def test_dtypes_input_cast_and_autocast() -> None:
 def test_linear_4bit_is_the_swappable_compute_path() -> None:
     ours = quant.to_4bit(_linear(64, 32), quant.QuantConfig(**CPU32))
     x = torch.randn(3, 64)
-    y = quant.linear_4bit(x, ours.weight, ours.bias, torch.float32)
+    y = quant.linear_4bit(x, ours.weight, ours.bias, dtype=torch.float32)
     torch.testing.assert_close(ours(x), y, rtol=0, atol=0)
 
 
