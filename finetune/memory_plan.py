@@ -77,9 +77,11 @@ class StaticBytes:
     quantized: 4-bit codes + quantisation statistics (absmax, code tables, offset), what bitsandbytes
     stores. dense: frozen parameters kept in a float dtype plus buffers (RoPE table). lora: the
     trainable parameters; grads: their ``.grad`` (same dtype); optimizer: every tensor in the
-    optimizer's state after a step (for AdamW: exp_avg, exp_avg_sq and a 4-byte ``step`` per tensor).
+    optimizer's state after a step (for AdamW: exp_avg, exp_avg_sq and a 4-byte ``step`` per tensor);
+    optimizer_8bit: what bitsandbytes' 8-bit AdamW would hold instead (the plan's first advice when
+    the optimizer is what overflows).
     layer_unsharded / root_unsharded: one decoder layer's and the non-layer parameters' bytes, what an
-    FSDP all-gather materialises.
+    FSDP all-gather materialises. params: the base model's parameter count (LoRA not included).
     """
 
     quantized: int
@@ -88,6 +90,7 @@ class StaticBytes:
     grads: int
     optimizer: int
     lora_tensors: int
+    optimizer_8bit: int
     layer_unsharded: int
     root_unsharded: int
     params: int
@@ -141,9 +144,11 @@ def static_bytes(cfg: RunConfig, model: Any, dtype: torch.dtype) -> StaticBytes:
     layer_bytes = _module_bytes(layer0, qc, "model.layers.0.")
     return StaticBytes(quantized=q, dense=dense, lora=lora_bytes, grads=lora_bytes,
                        optimizer=optimizer_bytes(trainable, cfg.train.optimizer),
-                       lora_tensors=len(trainable), layer_unsharded=layer_bytes,
+                       lora_tensors=len(trainable), optimizer_8bit=optimizer_bytes(trainable, "adamw8bit"),
+                       layer_unsharded=layer_bytes,
                        root_unsharded=max(q + dense + lora_bytes - layer_bytes * len(model.model.layers), 0),
-                       params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
+                       params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
+                                  if not (cfg.lora.enabled and p.requires_grad)))
 
 
 def _module_bytes(module: Any, qc: Any, prefix: str) -> int:
@@ -287,7 +292,10 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int
     attn += q_out * s if undropped_input("o_proj", "dense") else 0
     if shape.experts_per_token:
         k = shape.experts_per_token
-        mlp = k * (3 * i * s + h * s + (lora("w1") + lora("w3") + lora("w2")) // 8)
+        def one_expert(end: str) -> int:  # a token visits k experts, not all of the LoRA'd ones
+            return lora(end) // max(sum(n.split(".")[-1] == end for n in shape.lora_in), 1)
+
+        mlp = k * (3 * i * s + h * s + one_expert("w1") + one_expert("w3") + one_expert("w2"))
     elif shape.gated:
         mlp = 3 * i * s + lora("gate_proj") + lora("up_proj") + lora("down_proj")
         mlp += h * s if undropped_input("gate_proj", "up_proj") else 0
@@ -425,7 +433,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
         return activation_bytes(shape, batch, seq, cfg.train.ce_chunk_size, act_size, mask)
 
     layouts = make_layouts(st, gpus)
-    verdicts = [verdict(lay, acts, mb, ckpt, gpu_memory, cfg, gpus) for lay in layouts]
+    verdicts = [verdict(lay, st, acts, mb, ckpt, gpu_memory, cfg) for lay in layouts]
     kv_tokens = seq + cfg.eval.max_new_tokens
     kv = cfg.eval.batch_size * kv_tokens * lcfg.num_hidden_layers * 2 * lcfg.num_key_value_heads \
         * lcfg.head_dim * act_size
@@ -442,7 +450,8 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
                       optimizer=cfg.train.optimizer)
 
 
-def verdict(lay: Layout, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunConfig, gpus: int) -> Verdict:
+def verdict(lay: Layout, st: StaticBytes, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunConfig
+            ) -> Verdict:
     """Fit at the configured micro-batch; the largest that fits; the first thing to change otherwise."""
     budget = memory - RESERVE
     total = lay.static + acts(mb).peak(ckpt)
@@ -461,15 +470,13 @@ def verdict(lay: Layout, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunCo
     if fits:
         advice = "" if best == mb else f"fits; micro-batch up to {best} would too"
     elif lay.static > budget:
-        need = math.ceil((lay.static + acts(1).peak(True) + RESERVE) / GiB)
-        advice = (f"the weights, LoRA and optimizer state alone take {size(lay.static)}: shard them with "
-                  f"FSDP over more GPUs, or use GPUs with >= {need} GiB")
-        if lay.ranks == 1 and cfg.train.optimizer == "adamw" and lay.optimizer > GiB:
-            advice = "set train.optimizer: adamw8bit, or " + advice
+        advice = _too_big(lay, st, acts, budget, cfg)
     elif best >= 1:
         accum = cfg.train.gradient_accumulation_steps * mb / best
         advice = (f"set train.micro_batch_size: {best} (and gradient_accumulation_steps: {math.ceil(accum)} "
                   "to keep the global batch)")
+        if not ckpt and largest(True) >= mb:
+            advice += f", or model.gradient_checkpointing: true (then micro-batch {mb} fits)"
     elif not ckpt and largest(True) >= 1:
         advice = "set model.gradient_checkpointing: true"
     else:
@@ -477,6 +484,24 @@ def verdict(lay: Layout, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunCo
         if not ckpt:
             advice = "set model.gradient_checkpointing: true and " + advice
     return Verdict(total=total, fits=fits, largest_micro_batch=best, advice=advice)
+
+
+def _too_big(lay: Layout, st: StaticBytes, acts: Any, budget: int, cfg: RunConfig) -> str:
+    """When the weights alone overflow: the first change that makes one row of data.max_length fit."""
+    row = acts(1).peak(True)  # with checkpointing: the least activation memory one row can take
+    ckpt = "" if cfg.model.gradient_checkpointing else " and model.gradient_checkpointing: true"
+    if cfg.train.optimizer == "adamw":
+        smaller = lay.static - lay.optimizer + -(-st.optimizer_8bit // lay.ranks)
+        if smaller + row <= budget:
+            return f"set train.optimizer: adamw8bit{ckpt} (its states take {size(st.optimizer_8bit)})"
+    for n in range(max(lay.ranks, 1) + 1, 65):
+        fsdp = make_layouts(st, n)[-1]
+        if fsdp.static + row <= budget:
+            return (f"the weights, LoRA and optimizer state alone take {size(lay.static)}: shard them with "
+                    f"FSDP over {n} such GPUs{ckpt} (--plan --gpus {n} shows it)")
+    need = math.ceil((lay.static + row + RESERVE) / GiB)
+    return (f"the weights, LoRA and optimizer state alone take {size(lay.static)}: use GPUs with >= {need} "
+            f"GiB{ckpt}")
 
 
 def check_model_dir(path: str) -> None:

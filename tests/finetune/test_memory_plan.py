@@ -193,6 +193,19 @@ def test_published_configs_plan_on_the_meta_device_in_seconds(tmp_path):
     assert 3.0 * GiB < seven.static.quantized < 3.2 * GiB and seven.verdicts[0].fits
 
 
+def test_first_change_is_one_that_fits(tmp_path):
+    seven = ROOT / "configs/plan/Llama-2-7b-hf"
+    cfg = _config(seven, tmp_path, data={"max_length": 2048}, train={"micro_batch_size": 4})
+    v = make_plan(cfg, gpu_memory=20 * GiB).verdicts[0]
+    assert not v.fits and v.largest_micro_batch == 1
+    assert "train.micro_batch_size: 1" in v.advice and "gradient_checkpointing: true" in v.advice
+    mixtral = _config(ROOT / "configs/plan/Mixtral-8x7B-v0.1", tmp_path, lora={"targets": "all-linear"},
+                      model={"gradient_checkpointing": True})
+    advice = make_plan(mixtral, gpu_memory=24 * GiB).verdicts[0].advice
+    assert "FSDP over 2 such GPUs" in advice
+    assert make_plan(mixtral, gpus=2, gpu_memory=24 * GiB).verdicts[2].fits
+
+
 def test_parse_memory():
     assert parse_memory("24GiB") == 24 * 2**30 == parse_memory("24 G") == parse_memory("24gib")
     assert parse_memory("80GB") == 80 * 10**9
