@@ -202,7 +202,7 @@ class ActivationBytes:
 
     saved_*: what stays for backward once the forward is done; peak_*: that plus the largest transient
     of the backward (the CE chunk, or one recomputed layer and its gradients); ce_chunk: the transient of
-    one cross-entropy chunk's backward (logits, log-probabilities and their gradients).
+    one cross-entropy chunk's backward (fp32 log-probabilities and two gradients of their size).
     """
 
     batch: int
@@ -316,8 +316,10 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int
     tokens = batch * seq
     rows = min(ce_chunk_size, tokens)
     logits = shape.vocab * rows
-    # recomputed logits (+ their fp32 copy under bf16), log-probabilities, and two gradients of that size
-    ce = logits * (3 * f + (s if s != f else 0))
+    # The chunk's backward recomputes the logits; their fp32 copy goes into log_softmax, which keeps only
+    # its fp32 output; then the gradients of the log-probabilities and of the logits: three fp32 tensors
+    # of chunk x vocab at once (measured on CPU in fp32 and under bf16 autocast alike).
+    ce = logits * 3 * f
     saved_plain = tokens * ((shape.layers - 1) * layer + layer0 + rope + final)
     saved_ckpt = tokens * (shape.layers * h * s + rope + final)
     return ActivationBytes(batch=batch, seq=seq, saved_plain=saved_plain, saved_checkpointed=saved_ckpt,

@@ -145,10 +145,32 @@ SHAPES = {  # two shapes: GQA 4/2 with a small vocabulary, GQA 8/2 with a wider 
 }
 
 
+def _bf16_model(model_dir: Path, cfg: object) -> torch.nn.Module:
+    """The GPU recipe on the CPU: bf16 frozen base, NF4 computing in bf16, fp32 LoRA, run under autocast.
+
+    ``load_model`` keeps CPU runs in fp32; this builds from the same parts (real loader, quant hook,
+    lora.inject) in bf16, so the plan's bf16 branches (fp32 norm copies, fp32 CE) are measured too.
+    """
+    import llama
+    import lora
+    import quant
+
+    model = llama.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                  linear_hook=quant.make_hook(quant.QuantConfig(compute_dtype=torch.bfloat16)))
+    lo = cfg.lora
+    lora.inject(model, targets=lo.targets, r=lo.r, alpha=lo.alpha, dropout=lo.dropout)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    return model.train()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_activation_estimate_is_within_25_percent_of_the_measured_cpu_peak(tmp_path, one_thread, shape,
-                                                                           checkpointing):
+                                                                           checkpointing, precision):
+    import contextlib
+
+    from finetune.memory_plan import activation_bytes, build_skeleton, model_shape
     from finetune.modeling import load_model
     from finetune.run.loss import window_backward
 
@@ -157,19 +179,25 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_cpu_peak(tmp_p
     model_dir = hf_fixtures.make_hf_checkpoint(tmp_path / "m", max_position_embeddings=512, **spec["model"])
     cfg = _config(model_dir, tmp_path, model={"gradient_checkpointing": checkpointing},
                   data={"max_length": spec["seq"]}, train={"micro_batch_size": spec["batch"]})
-    model = load_model(cfg, log=None)
-    batch = _batch(spec["model"]["vocab_size"], spec["batch"], spec["seq"])
     cpu = torch.device("cpu")
-    window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu)  # allocates the grads
+    if precision == "fp32":  # the CPU run exactly as train.py makes it
+        model, amp = load_model(cfg, log=None), contextlib.nullcontext
+        planned = make_plan(cfg, device="cpu").activations.peak(checkpointing)
+    else:  # CPU dropout keeps its noise in the input's dtype (2 bytes); CUDA's keeps a bool mask
+        model, amp = _bf16_model(model_dir, cfg), lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        skeleton, lcfg = build_skeleton(cfg, torch.bfloat16)
+        planned = activation_bytes(model_shape(skeleton, lcfg, cfg), spec["batch"], spec["seq"],
+                                   cfg.train.ce_chunk_size, act=2, mask=2).peak(checkpointing)
+    batch = _batch(spec["model"]["vocab_size"], spec["batch"], spec["seq"])
+    window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu, amp=amp)  # makes the grads
     for p in model.parameters():
         if p.grad is not None:
             p.grad.zero_()
     before = in_use()
     with _HeapPeak(in_use) as mode:
-        window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu)
+        window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu, amp=amp)
     measured = mode.peak - before
-    planned = make_plan(cfg, device="cpu").activations.peak(checkpointing)
-    print(f"{shape} checkpointing={checkpointing}: measured {measured / 2**20:.2f} MiB, planned "
+    print(f"{shape} {precision} checkpointing={checkpointing}: measured {measured / 2**20:.2f} MiB, planned "
           f"{planned / 2**20:.2f} MiB, ratio {planned / measured:.3f}")
     assert abs(planned / measured - 1) <= 0.25
 
