@@ -235,6 +235,7 @@ class ModelShape:
     lora_in: dict[str, int] = field(default_factory=dict)  # LoRA'd linear in layer 0 -> in_features
     lora_r: int = 0
     dropout: bool = False
+    full: bool = False  # full training: every weight trainable, so every linear keeps its input
 
 
 def model_shape(model: Any, lcfg: Any, cfg: RunConfig) -> ModelShape:
@@ -248,7 +249,7 @@ def model_shape(model: Any, lcfg: Any, cfg: RunConfig) -> ModelShape:
                       experts_per_token=lcfg.num_experts_per_tok if lcfg.num_local_experts else 0,
                       gated=not lcfg.parallel_block, parallel=lcfg.parallel_block, lora_in=lora_in,
                       lora_r=cfg.lora.r if cfg.lora.enabled else 0,
-                      dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
+                      dropout=cfg.lora.enabled and cfg.lora.dropout > 0, full=not cfg.lora.enabled)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int, act: int,
@@ -283,7 +284,9 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int
         return len(names) * (kept + shape.lora_r * s)
 
     def undropped_input(*ends: str) -> bool:
-        return not shape.dropout and any(n.split(".")[-1] in ends for n in shape.lora_in)
+        """Whether these linears' shared input is kept: for a weight gradient (full training), or by a
+        LoRA branch without dropout (a frozen base alone keeps nothing: its weight needs no gradient)."""
+        return shape.full or (not shape.dropout and any(n.split(".")[-1] in ends for n in shape.lora_in))
 
     norm = h * (f + s)
     attn = lora("q_proj") + lora("k_proj") + lora("v_proj") + s * (2 * q_out + 2 * kv_out) + f * shape.heads
@@ -295,20 +298,21 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int
         def one_expert(end: str) -> int:  # a token visits k experts, not all of the LoRA'd ones
             return lora(end) // max(sum(n.split(".")[-1] == end for n in shape.lora_in), 1)
 
-        mlp = k * (3 * i * s + h * s + one_expert("w1") + one_expert("w3") + one_expert("w2"))
+        mlp = k * (3 * i * s + h * s + one_expert("w1") + one_expert("w3") + one_expert("w2")
+                   + (i * s if shape.full else 0))
     elif shape.gated:
         mlp = 3 * i * s + lora("gate_proj") + lora("up_proj") + lora("down_proj")
         mlp += h * s if undropped_input("gate_proj", "up_proj") else 0
         mlp += i * s if undropped_input("down_proj") else 0
     else:
+        # the GELU keeps fc1's output; fc2's input only when something needs it
         mlp = i * s + lora("fc1") + lora("fc2") + (i * s if undropped_input("fc2") else 0)
-        mlp += i * s  # fc2's input (the GELU output) is kept by the GELU backward
     layer = (norm if shape.parallel else 2 * norm) + attn + mlp
     # Layer 0's input (the frozen embedding's output) needs no gradient: its first norm keeps nothing,
     # and dropout on what that norm feeds records no mask.
     first_feeds = ("q_proj", "k_proj", "v_proj") + (("gate_proj", "up_proj", "fc1") if shape.parallel else ())
     masks = sum(d_in * mask for n, d_in in shape.lora_in.items() if n.split(".")[-1] in first_feeds)
-    layer0 = layer - norm - (masks if shape.dropout else 0)
+    layer0 = layer if shape.full else layer - norm - (masks if shape.dropout else 0)
     rope = 2 * shape.head_dim * s
     final = norm + 2 * h * s  # final norm; the hidden states and the target rows gathered from them
     back = i * s + h * s  # the gradients in flight while a layer's own saved tensors are being freed
@@ -518,11 +522,12 @@ def format_plan(plan: MemoryPlan) -> str:
     """The table ``--plan`` prints: one column per layout, one row per kind of memory, per rank."""
     st, a = plan.static, plan.activations
     cols = plan.layouts
+    trained = "trainable (all weights)" if plan.lora.startswith("off") else "LoRA"
     rows: list[tuple[str, list[str]]] = [
         ("4-bit base (codes + quant stats)", [size(c.quantized) for c in cols]),
         ("dense frozen (embeddings, head, norms)", [size(c.dense) for c in cols]),
-        ("LoRA parameters (fp32)", [size(c.lora) for c in cols]),
-        ("LoRA gradients", [size(c.grads) for c in cols]),
+        (f"{trained} parameters (fp32)", [size(c.lora) for c in cols]),
+        (f"{trained} gradients", [size(c.grads) for c in cols]),
         (f"optimizer states ({_OPTIMIZER_WORDS.get(plan.optimizer, plan.optimizer)})",
          [size(c.optimizer) for c in cols]),
         ("DDP buckets / FSDP all-gather", [size(c.comm) if c.comm else "-" for c in cols]),
