@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from finetune.errors import error_line, is_user_error
+from finetune.errors import UserError, error_line, is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plan", action="store_true",
                    help="print the memory per rank (single / DDP / FSDP) from config.json alone and exit")
-    p.add_argument("--gpus", type=int, default=1, metavar="N", help="--plan: GPUs (ranks) to plan for")
+    p.add_argument("--gpus", type=int, metavar="N", help="--plan: GPUs (ranks) to plan for (default 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="--plan: memory of one GPU, e.g. 24GiB, 80GB "
                    "(default: the visible GPU's)")
     return p
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
         if args.plan:
             return _plan(args, overrides)
+        if args.gpus is not None or args.gpu_memory is not None:
+            raise UserError("--gpus and --gpu-memory describe the GPUs for --plan; add --plan, or launch "
+                            "N ranks with torchrun --nproc_per_node N train.py CONFIG.yaml")
         cfg = load_config(args.config, overrides=overrides)
         result = train(cfg, progress=not args.no_progress)
     except KeyboardInterrupt as e:  # outside the loop's save-and-exit path (loading; a second Ctrl-C)
@@ -70,7 +73,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
     memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
     cfg = load_config(args.config, overrides=overrides, check_paths=False)
-    print(format_plan(make_plan(cfg, gpus=args.gpus, gpu_memory=memory)))
+    print(format_plan(make_plan(cfg, gpus=args.gpus or 1, gpu_memory=memory)))
     return 0
 
 

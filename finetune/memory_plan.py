@@ -140,36 +140,18 @@ def static_bytes(cfg: RunConfig, model: Any, dtype: torch.dtype) -> StaticBytes:
         q = 0
         dense = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                     if not p.requires_grad) + buffers
-    layer0 = model.model.layers[0]
-    layer_bytes = _module_bytes(layer0, qc, "model.layers.0.")
+    # FSDP's units: the root (everything outside the decoder layers: embeddings, head, final norm, RoPE
+    # table; never quantised, the 4-bit targets are inside model.layers) and one decoder layer.
+    in_layers = {id(p) for p in model.model.layers.parameters()}
+    root = sum(t.numel() * t.element_size() for t in [*{id(p): p for p in model.parameters()}.values(),
+                                                       *model.buffers()] if id(t) not in in_layers)
+    layers = len(model.model.layers)
     return StaticBytes(quantized=q, dense=dense, lora=lora_bytes, grads=lora_bytes,
                        optimizer=optimizer_bytes(trainable, cfg.train.optimizer),
                        lora_tensors=len(trainable), optimizer_8bit=optimizer_bytes(trainable, "adamw8bit"),
-                       layer_unsharded=layer_bytes,
-                       root_unsharded=max(q + dense + lora_bytes - layer_bytes * len(model.model.layers), 0),
+                       layer_unsharded=-(-(q + dense + lora_bytes - root) // layers), root_unsharded=root,
                        params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
                                   if not (cfg.lora.enabled and p.requires_grad)))
-
-
-def _module_bytes(module: Any, qc: Any, prefix: str) -> int:
-    """Stored bytes of one module's parameters (4-bit ones at their packed size plus statistics)."""
-    from torch import nn
-
-    selected = set()
-    if qc is not None:
-        selected = {id(m.weight) for name, m in module.named_modules()
-                    if isinstance(m, nn.Linear) and qc.selects(prefix + name)
-                    and not name.rpartition(".")[2].startswith("lora_")}
-    total = 0
-    for p in module.parameters():
-        n = p.numel()
-        if id(p) in selected:
-            blocks = -(-n // qc.blocksize)
-            total += -(-n // 2) + (blocks + 4 * -(-blocks // 256) + 16 * 4 + 256 * 4 + 4 if qc.double_quant
-                                   else 16 * 4 + 4 * blocks)
-        else:
-            total += n * p.element_size()
-    return total
 
 
 def optimizer_bytes(params: list[Any], kind: str) -> int:
@@ -389,6 +371,7 @@ class MemoryPlan:
     eval_batch: int
     vocab: int
     optimizer: str
+    eval_fits: bool  # eval.py on one GPU: the weights (4-bit base + dense + adapter) and the KV cache
 
 
 def make_layouts(st: StaticBytes, gpus: int) -> list[Layout]:
@@ -453,7 +436,8 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
                       quant=qdesc, lora=ldesc, gpu_memory=gpu_memory, gpu_memory_note=note, static=st,
                       activations=acts(mb), layouts=layouts, verdicts=verdicts, kv_cache=kv,
                       kv_tokens=kv_tokens, eval_batch=cfg.eval.batch_size, vocab=lcfg.vocab_size,
-                      optimizer=cfg.train.optimizer)
+                      optimizer=cfg.train.optimizer,
+                      eval_fits=st.quantized + st.dense + st.lora + kv + RESERVE <= gpu_memory)
 
 
 def verdict(lay: Layout, st: StaticBytes, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunConfig
@@ -547,8 +531,10 @@ def format_plan(plan: MemoryPlan) -> str:
             f"GPU memory {size(plan.gpu_memory)} {plan.gpu_memory_note}".rstrip())
     lines = [head, f"{'per rank':<{width}}  " + "".join(f"{c.name:>14}" for c in cols)]
     lines += [f"{label:<{width}}  " + "".join(f"{v:>14}" for v in values) for label, values in rows]
+    weights = st.quantized + st.dense + st.lora
     lines.append(f"eval.py KV cache (batch {plan.eval_batch} x {plan.kv_tokens} tokens): "
-                 f"{size(plan.kv_cache)} on top of the weights ({size(st.quantized + st.dense + st.lora)})")
+                 f"{size(plan.kv_cache)} on top of the weights ({size(weights)}) on one GPU: "
+                 + ("fits" if plan.eval_fits else "does NOT fit: lower eval.batch_size"))
     for c, v in zip(cols, plan.verdicts):
         if v.advice:
             lines.append(f"{c.name}: {v.advice}")

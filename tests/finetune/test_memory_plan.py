@@ -279,6 +279,7 @@ def test_cli_plan_prints_the_table_without_weights_or_data(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "single" in p.stdout and "DDP x2" in p.stdout and "FSDP x2" in p.stdout
     assert "fits in 1.00 GiB?" in p.stdout and "Traceback" not in p.stderr
+    assert "eval.py KV cache" in p.stdout
 
 
 def test_cli_plan_without_config_json_is_one_line(tmp_path):
@@ -301,3 +302,8 @@ def test_cli_plan_unreadable_gpu_memory_is_one_line_with_an_example(tmp_path):
     line = _one_error_line(_train(str(_yaml(tmp_path, ROOT / "configs/plan/Llama-2-7b-hf")), "--plan",
                                   "--gpu-memory", "24"))
     assert "'24'" in line and "e.g. --gpu-memory 24GiB" in line
+
+
+def test_cli_gpu_flags_without_plan_are_one_line(tmp_path):
+    line = _one_error_line(_train(str(_yaml(tmp_path, ROOT / "configs/plan/Llama-2-7b-hf")), "--gpus", "2"))
+    assert "--plan" in line
