@@ -238,10 +238,12 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int
                      mask: int) -> ActivationBytes:
     """Bytes autograd keeps for one micro-batch of ``batch`` rows of ``seq`` tokens.
 
-    ``act`` is the activation dtype's size (2 under bf16 autocast, 4 on CPU), ``mask`` a dropout mask
-    element (1: CUDA's fused dropout keeps a bool mask; 4: CPU's keeps the scaled fp32 noise). Per
-    token of one decoder layer, from the code:
-    - each RMSNorm keeps its input in fp32 (``x.float()``) and the normalised value (cast back);
+    ``act`` is the activation dtype's size (2 under bf16 autocast, 4 in fp32), ``mask`` a dropout mask
+    element (1: CUDA's fused dropout keeps a bool mask; on CPU the scaled noise in the input's dtype).
+    Per token of one decoder layer, from the code:
+    - each RMSNorm keeps its input in fp32 (``x.float()``) and the normalised value (cast back); in
+      layer 0 the input (the frozen embedding's output) needs no gradient, so that norm keeps nothing
+      and the dropout of the LoRA branches it feeds keeps no mask;
     - a 4-bit base keeps nothing (``quant.linear`` saves only the packed weight); each LoRA'd linear
       keeps its dropout output and mask (or, without dropout, its input) and the rank-r ``lora_A``
       output;
