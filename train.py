@@ -73,7 +73,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
     memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
     cfg = load_config(args.config, overrides=overrides, check_paths=False)
-    print(format_plan(make_plan(cfg, gpus=args.gpus or 1, gpu_memory=memory)))
+    print(format_plan(make_plan(cfg, gpus=1 if args.gpus is None else args.gpus, gpu_memory=memory)))
     return 0
 
 

@@ -403,6 +403,9 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be >= 1")
     check_model_dir(cfg.model.path)
+    from finetune import preflight
+
+    preflight.check_max_length(cfg.data.max_length, cfg.model.path)  # the run refuses it, so the plan does
     if device == "cpu":
         dtype, mask = torch.float32, 4
     else:

@@ -307,3 +307,10 @@ def test_cli_plan_unreadable_gpu_memory_is_one_line_with_an_example(tmp_path):
 def test_cli_gpu_flags_without_plan_are_one_line(tmp_path):
     line = _one_error_line(_train(str(_yaml(tmp_path, ROOT / "configs/plan/Llama-2-7b-hf")), "--gpus", "2"))
     assert "--plan" in line
+
+
+def test_cli_plan_refuses_what_the_run_would_refuse(tmp_path):
+    run_yaml = str(_yaml(tmp_path, ROOT / "configs/plan/Llama-2-7b-hf"))
+    line = _one_error_line(_train(run_yaml, "--plan", "--set", "data.max_length=8192"))
+    assert "max_length 8192" in line and "4096" in line
+    assert "--gpus 0" in _one_error_line(_train(run_yaml, "--plan", "--gpus", "0"))
