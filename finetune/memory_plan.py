@@ -523,7 +523,7 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"activations, micro-batch {a.batch} x {a.seq}, no checkpointing", [size(a.peak_plain)] * len(cols)),
         (f"activations, micro-batch {a.batch} x {a.seq}, checkpointing",
          [size(a.peak_checkpointed)] * len(cols)),
-        (f"  of which CE chunk ({a.ce_rows} rows x {plan.vocab} vocab)", [size(a.ce_chunk)] * len(cols)),
+        (f"  CE chunk ({a.ce_rows} x {plan.vocab} vocab), inside both", [size(a.ce_chunk)] * len(cols)),
         ("reserve (CUDA context, workspaces, fragmentation)", [size(RESERVE)] * len(cols)),
         (f"total, checkpointing {'on' if plan.checkpointing else 'off'}",
          [size(v.total + RESERVE) for v in plan.verdicts]),
