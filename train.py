@@ -2,6 +2,7 @@
 
     python train.py CONFIG.yaml [--set section.key=value ...] [--resume] [--no-progress]
     torchrun --nproc_per_node N train.py CONFIG.yaml ...      # DistributedDataParallel, N ranks
+    python train.py CONFIG.yaml --plan [--gpus N] [--gpu-memory 24GiB]   # memory per rank; loads nothing
 
 Writes <train.output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/, plots/loss.png,
 tensorboard/ (when the tensorboard package is installed)}.
@@ -18,8 +19,8 @@ import argparse
 import os
 import sys
 
+from finetune.errors import UserError, report
 from finetune.errors import is_user_error as is_user_error  # the rule report() applies (tests pin it)
-from finetune.errors import report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in train.output_dir that verifies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory per rank (single / DDP / FSDP) from config.json alone and exit")
+    p.add_argument("--gpus", type=int, metavar="N", help="--plan: GPUs (ranks) to plan for (default 1)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="--plan: memory of one GPU, e.g. 24GiB, 80GB "
+                   "(default: the visible GPU's)")
     return p
 
 
@@ -40,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.run.loop import train
 
         overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+        if args.plan:
+            return _plan(args, overrides)
+        if args.gpus is not None or args.gpu_memory is not None:
+            raise UserError("--gpus and --gpu-memory describe the GPUs for --plan; add --plan, or launch "
+                            "N ranks with torchrun --nproc_per_node N train.py CONFIG.yaml")
         cfg = load_config(args.config, overrides=overrides)
         result = train(cfg, progress=not args.no_progress)
     except KeyboardInterrupt as e:  # outside the loop's save-and-exit path (loading; a second Ctrl-C)
@@ -49,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         return report(e, show=int(os.environ.get("RANK", "0")) == 0)
     if result.interrupted is not None:
         return 128 + result.interrupted
+    return 0
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """--plan: read the config and config.json only (no weights, no data); see finetune.memory_plan."""
+    from finetune.config import load_config
+    from finetune.memory_plan import format_plan, make_plan, parse_memory
+
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    cfg = load_config(args.config, overrides=overrides, check_paths=False)
+    print(format_plan(make_plan(cfg, gpus=1 if args.gpus is None else args.gpus, gpu_memory=memory)))
     return 0
 
 
