@@ -234,7 +234,7 @@ def model_shape(model: Any, lcfg: Any, cfg: RunConfig) -> ModelShape:
                       dropout=cfg.lora.enabled and cfg.lora.dropout > 0, full=not cfg.lora.enabled)
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, ce_chunk_size: int, act: int,
+def activation_bytes(shape: ModelShape, *, batch: int, seq: int, ce_chunk_size: int, act: int,
                      mask: int) -> ActivationBytes:
     """Bytes autograd keeps for one micro-batch of ``batch`` rows of ``seq`` tokens.
 
@@ -393,7 +393,7 @@ def make_layouts(st: StaticBytes, gpus: int) -> list[Layout]:
     return layouts
 
 
-def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, device: str = "cuda"
+def make_plan(cfg: RunConfig, *, gpus: int = 1, gpu_memory: int | None = None, device: str = "cuda"
               ) -> MemoryPlan:
     """The plan of ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (None: the visible GPU's, else 24 GiB).
 
@@ -424,10 +424,11 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
     seq, mb, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.model.gradient_checkpointing
 
     def acts(batch: int) -> ActivationBytes:
-        return activation_bytes(shape, batch, seq, cfg.train.ce_chunk_size, act_size, mask)
+        return activation_bytes(shape, batch=batch, seq=seq, ce_chunk_size=cfg.train.ce_chunk_size,
+                                act=act_size, mask=mask)
 
     layouts = make_layouts(st, gpus)
-    verdicts = [verdict(lay, st, acts, mb, ckpt, gpu_memory, cfg) for lay in layouts]
+    verdicts = [verdict(lay, st, acts, mb=mb, ckpt=ckpt, memory=gpu_memory, cfg=cfg) for lay in layouts]
     kv_tokens = seq + cfg.eval.max_new_tokens
     kv = cfg.eval.batch_size * kv_tokens * lcfg.num_hidden_layers * 2 * lcfg.num_key_value_heads \
         * lcfg.head_dim * act_size
@@ -445,7 +446,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int | None = None, devi
                       eval_fits=st.quantized + st.dense + st.lora + kv + RESERVE <= gpu_memory)
 
 
-def verdict(lay: Layout, st: StaticBytes, acts: Any, mb: int, ckpt: bool, memory: int, cfg: RunConfig
+def verdict(lay: Layout, st: StaticBytes, acts: Any, *, mb: int, ckpt: bool, memory: int, cfg: RunConfig
             ) -> Verdict:
     """Fit at the configured micro-batch; the largest that fits; the first thing to change otherwise."""
     budget = memory - RESERVE
@@ -465,7 +466,7 @@ def verdict(lay: Layout, st: StaticBytes, acts: Any, mb: int, ckpt: bool, memory
     if fits:
         advice = "" if best == mb else f"fits; micro-batch up to {best} would too"
     elif lay.static > budget:
-        advice = _too_big(lay, st, acts, budget, cfg)
+        advice = _too_big(lay, st, acts, budget=budget, cfg=cfg)
     elif best >= 1:
         accum = cfg.train.gradient_accumulation_steps * mb / best
         advice = (f"set train.micro_batch_size: {best} (and gradient_accumulation_steps: {math.ceil(accum)} "
@@ -481,7 +482,7 @@ def verdict(lay: Layout, st: StaticBytes, acts: Any, mb: int, ckpt: bool, memory
     return Verdict(total=total, fits=fits, largest_micro_batch=best, advice=advice)
 
 
-def _too_big(lay: Layout, st: StaticBytes, acts: Any, budget: int, cfg: RunConfig) -> str:
+def _too_big(lay: Layout, st: StaticBytes, acts: Any, *, budget: int, cfg: RunConfig) -> str:
     """When the weights alone overflow: the first change that makes one row of data.max_length fit."""
     row = acts(1).peak(True)  # with checkpointing: the least activation memory one row can take
     ckpt = "" if cfg.model.gradient_checkpointing else " and model.gradient_checkpointing: true"

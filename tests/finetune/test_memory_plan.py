@@ -86,7 +86,7 @@ def _real_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 ])
 def test_weights_lora_optimizer_equal_the_real_allocations_byte_for_byte(tmp_path, one_thread, variant):
     from finetune.modeling import load_model
-    from finetune.run.loss import window_backward
+    from finetune.run.loss import LossSetup, window_backward
     from finetune.run.optim import make_optimizer
 
     model_dir = hf_fixtures.make_hf_checkpoint(tmp_path / "m", intermediate_size=192)
@@ -94,7 +94,8 @@ def test_weights_lora_optimizer_equal_the_real_allocations_byte_for_byte(tmp_pat
     model = load_model(cfg, log=None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train, torch.device("cpu"))
-    window_backward(model, model.lm_head, [_batch(512, 2, 16)], cfg.train.ce_chunk_size, torch.device("cpu"))
+    window_backward(model, model.lm_head, [_batch(512, 2, 16)],
+                    setup=LossSetup(ce_chunk_size=cfg.train.ce_chunk_size, device=torch.device("cpu")))
     optimizer.step()
     real = _real_bytes(model, optimizer)
     st = make_plan(cfg, device="cpu").static
@@ -174,7 +175,7 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_cpu_peak(tmp_p
 
     from finetune.memory_plan import activation_bytes, build_skeleton, model_shape
     from finetune.modeling import load_model
-    from finetune.run.loss import window_backward
+    from finetune.run.loss import LossSetup, window_backward
 
     in_use = _heap_in_use()
     spec = SHAPES[shape]
@@ -190,16 +191,17 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_cpu_peak(tmp_p
     else:  # CPU dropout keeps its noise in the input's dtype (2 bytes); CUDA's keeps a bool mask
         model, amp = _bf16_model(model_dir, cfg), lambda: torch.autocast("cpu", dtype=torch.bfloat16)
         skeleton, lcfg = build_skeleton(cfg, torch.bfloat16)
-        planned = activation_bytes(model_shape(skeleton, lcfg, cfg), spec["batch"], spec["seq"],
-                                   cfg.train.ce_chunk_size, act=2, mask=2).peak(checkpointing)
+        planned = activation_bytes(model_shape(skeleton, lcfg, cfg), batch=spec["batch"], seq=spec["seq"],
+                                   ce_chunk_size=cfg.train.ce_chunk_size, act=2, mask=2).peak(checkpointing)
     batch = _batch(spec["model"]["vocab_size"], spec["batch"], spec["seq"])
-    window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu, amp=amp)  # makes the grads
+    setup = LossSetup(ce_chunk_size=cfg.train.ce_chunk_size, device=cpu, autocast=amp)
+    window_backward(model, model.lm_head, [batch], setup=setup)  # makes the grads
     for p in model.parameters():
         if p.grad is not None:
             p.grad.zero_()
     before = in_use()
     with _HeapPeak(in_use) as mode:
-        window_backward(model, model.lm_head, [batch], cfg.train.ce_chunk_size, cpu, amp=amp)
+        window_backward(model, model.lm_head, [batch], setup=setup)
     measured = mode.peak - before
     print(f"{shape} {precision} checkpointing={checkpointing}: measured {measured / 2**20:.2f} MiB, planned "
           f"{planned / 2**20:.2f} MiB, ratio {planned / measured:.3f}")
